@@ -1,0 +1,229 @@
+"""Load a Hugging Face checkpoint directory into a model built on the meta device.
+
+Two passes: the safetensors headers are read and checked against the model first (unknown, missing and
+mis-shaped tensors are reported before any data is read), then each tensor is read once and placed into its
+parameter, so at most one tensor exists twice in memory at any time. FP8 weights stay FP8.
+"""
+
+from __future__ import annotations
+
+import json
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from torch import nn
+from tqdm import tqdm
+
+from ..models.args import ModelArgs
+from ..models.layers import Linear
+from ..models.moe import Experts
+from ..models.registry import model_class
+from .names import Target, hf_to_native, native_to_hf
+
+_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F8_E4M3": torch.float8_e4m3fn,
+           "F64": torch.float64, "I64": torch.int64, "I32": torch.int32, "I8": torch.int8, "U8": torch.uint8}
+_ITEMSIZE = {"F8_E4M3": 1, "I8": 1, "U8": 1, "F16": 2, "BF16": 2, "F32": 4, "I32": 4, "F64": 8, "I64": 8}
+
+
+@dataclass
+class TensorInfo:
+    file: Path
+    shape: tuple[int, ...]
+    dtype: str            # safetensors dtype string ("BF16", "F8_E4M3", ...)
+
+    @property
+    def nbytes(self) -> int:
+        n = _ITEMSIZE.get(self.dtype, 4)
+        for d in self.shape:
+            n *= d
+        return n
+
+
+def checkpoint_files(path: Path) -> list[Path]:
+    """The safetensors files of a checkpoint: those named by `model.safetensors.index.json`, or the one file."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise ValueError(f"{index} is not a valid safetensors index ({e})") from None
+        files = sorted({path / f for f in weight_map.values()})
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise ValueError(f"checkpoint shard(s) listed in {index.name} are missing: {', '.join(missing[:5])}")
+        return files
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"no safetensors weights in {path} (expected model.safetensors or "
+                         "model.safetensors.index.json with shards; pickled .bin checkpoints are not loaded)")
+    if len(files) > 1:
+        raise ValueError(f"{path} holds {len(files)} safetensors files but no model.safetensors.index.json")
+    return files
+
+
+def read_headers(files: list[Path]) -> dict[str, TensorInfo]:
+    """Name -> TensorInfo for every tensor, reading only the headers."""
+    infos: dict[str, TensorInfo] = {}
+    for file in files:
+        try:
+            with safe_open(file, framework="pt") as f:
+                for name in f.keys():
+                    s = f.get_slice(name)
+                    infos[name] = TensorInfo(file, tuple(s.get_shape()), s.get_dtype())
+        except SafetensorError as e:
+            raise ValueError(f"cannot read {file}: it is truncated or not a safetensors file ({e})") from None
+    return infos
+
+
+def _expected_scale_shape(weight_shape: tuple[int, ...], block: tuple[int, int]) -> tuple[int, ...]:
+    n, k = weight_shape
+    return (-(-n // block[0]), -(-k // block[1]))
+
+
+def _quantizable(model: nn.Module) -> dict[str, str]:
+    """Weight name -> the name of its FP8 scale slot, for every weight that may be stored in FP8."""
+    slots = {}
+    for name, m in model.named_modules():
+        if isinstance(m, Linear):
+            slots[f"{name}.weight"] = f"{name}.scale"
+        elif isinstance(m, Experts):
+            slots.update({f"{name}.{w}": f"{name}.{w}_scale" for w in ("w1", "w2", "w3")})
+    return slots
+
+
+def plan_load(model: nn.Module, infos: dict[str, TensorInfo], n_layers: int,
+              block: tuple[int, int]) -> dict[str, Target]:
+    """Check the checkpoint against the model; return HF name -> Target for every tensor to load."""
+    params = dict(model.named_parameters())
+    stacked = {n for n in params if isinstance(model.get_submodule(n.rpartition(".")[0]), Experts)}
+    scale_slot = _quantizable(model)
+    scale_owner = {v: k for k, v in scale_slot.items()}
+
+    plan: dict[str, Target] = {}
+    unknown = []
+    for hf_name in infos:
+        target = hf_to_native(hf_name, n_layers)
+        if target is None:
+            continue
+        if target.name in params or target.name in scale_owner:
+            plan[hf_name] = target
+        else:
+            unknown.append(hf_name)
+    if unknown:
+        raise ValueError(f"checkpoint has {len(unknown)} tensor(s) this model does not use, e.g. "
+                         f"{', '.join(unknown[:3])}; does config.json belong to these weights?")
+
+    info_of = {(t.name, t.expert): infos[h] for h, t in plan.items()}
+    missing = [native_to_hf(name, e) for name, p in params.items()
+               for e in (range(p.shape[0]) if name in stacked else [None]) if (name, e) not in info_of]
+    if missing:
+        raise ValueError(f"checkpoint is missing {len(missing)} tensor(s), e.g. {', '.join(missing[:3])}")
+
+    for hf_name, t in plan.items():
+        info = infos[hf_name]
+        if info.dtype not in _DTYPES:
+            raise ValueError(f"tensor {hf_name} has unsupported dtype {info.dtype}")
+        if t.name in scale_owner:
+            weight = info_of.get((scale_owner[t.name], t.expert))
+            if weight is None or weight.dtype != "F8_E4M3":
+                raise ValueError(f"{hf_name} is a block scale but its weight is not float8_e4m3fn")
+            want = _expected_scale_shape(weight.shape, block)
+        else:
+            p = params[t.name]
+            want = tuple(p.shape[1:] if t.expert is not None else p.shape)
+            if info.dtype == "F8_E4M3":
+                if t.name not in scale_slot:
+                    raise ValueError(f"{hf_name} is float8_e4m3fn, but DeepSeek checkpoints keep it in bf16")
+                if (scale_slot[t.name], t.expert) not in info_of:
+                    raise ValueError(f"{hf_name} is float8_e4m3fn but its weight_scale_inv is missing")
+        if tuple(info.shape) != want:
+            raise ValueError(f"tensor {hf_name} has shape {list(info.shape)}, expected {list(want)}")
+    return plan
+
+
+def load_weights(model: nn.Module, path: Path, n_layers: int, device: torch.device,
+                 block: tuple[int, int] = (128, 128), progress: bool = True) -> None:
+    """Fill a meta-device `model` from the checkpoint at `path`, in place."""
+    infos = read_headers(checkpoint_files(path))
+    plan = plan_load(model, infos, n_layers, block)
+    params = dict(model.named_parameters())
+    total = sum(infos[h].nbytes for h in plan)
+    bar = tqdm(total=total, unit="B", unit_scale=True, desc="Loading weights", disable=not progress, leave=False)
+    open_device = str(device) if device.type == "cuda" else "cpu"
+    by_file: dict[Path, list[str]] = {}
+    for hf_name in plan:
+        by_file.setdefault(infos[hf_name].file, []).append(hf_name)
+    for file, names in by_file.items():
+        try:
+            with safe_open(file, framework="pt", device=open_device) as f:
+                for hf_name in names:
+                    _place(model, params, plan[hf_name], f.get_tensor(hf_name), device)
+                    bar.update(infos[hf_name].nbytes)
+        except SafetensorError as e:
+            raise ValueError(f"cannot read {file}: {e}") from None
+    bar.close()
+
+
+def _place(model: nn.Module, params: dict, t: Target, tensor: torch.Tensor, device: torch.device) -> None:
+    """Put one tensor into its parameter: model dtype (as built), FP8 kept as is, scales float32."""
+    owner_name, _, attr = t.name.rpartition(".")
+    owner = model.get_submodule(owner_name)
+    if t.name not in params:                       # an FP8 block scale
+        want = torch.float32
+    elif tensor.dtype == torch.float8_e4m3fn:
+        want = tensor.dtype
+    else:
+        want = params[t.name].dtype
+    tensor = tensor.to(device=device, dtype=want)
+    if t.expert is None:
+        setattr(owner, attr, nn.Parameter(tensor, requires_grad=False))
+        return
+    stacked = getattr(owner, attr)
+    if stacked is None or stacked.is_meta:
+        n = owner.n_experts
+        stacked = nn.Parameter(torch.empty(n, *tensor.shape, dtype=want, device=device), requires_grad=False)
+        setattr(owner, attr, stacked)
+    elif stacked.dtype != want:
+        raise ValueError(f"experts of {owner_name}.{attr} mix dtypes {stacked.dtype} and {want}")
+    stacked.data[t.expert].copy_(tensor)
+
+
+def read_config(path: str | Path) -> tuple[Path, dict]:
+    """Validate a checkpoint directory and parse its config.json."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise ValueError(f"model path {path} does not exist")
+    if not path.is_dir():
+        raise ValueError(f"model path {path} is not a directory (pass the checkpoint folder)")
+    config = path / "config.json"
+    if not config.is_file():
+        raise ValueError(f"{path} has no config.json; is it a Hugging Face checkpoint folder?")
+    try:
+        return path, json.loads(config.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{config} is not valid JSON ({e})") from None
+
+
+@contextmanager
+def _default_dtype(dtype: torch.dtype):
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+def load_model(path: str | Path, dtype: torch.dtype, device: torch.device, attn_impl: str = "absorb",
+               progress: bool = True) -> tuple[nn.Module, ModelArgs]:
+    """Build the model for `path`'s config.json on the meta device and fill it from the checkpoint."""
+    path, cfg = read_config(path)
+    args = ModelArgs.from_hf_config(cfg)
+    with torch.device("meta"), _default_dtype(dtype):
+        model = model_class(args)(args, attn_impl)
+    block = args.quant.block_size if args.quant else (128, 128)
+    load_weights(model, path, args.n_layers, device, block, progress)
+    return model.eval(), args

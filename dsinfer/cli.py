@@ -1,0 +1,156 @@
+"""The `dsinfer` command line: generate, chat, perplexity.
+
+User errors (bad paths, bad flags, prompts that do not fit) print one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+BUNDLED_NOTE = "default: the bundled Shakespeare model"
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help=f"Hugging Face checkpoint folder ({BUNDLED_NOTE})")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
+    p.add_argument("--max-model-len", type=int, help="longest prompt + generation (default: the model's)")
+    p.add_argument("--attn-impl", default="absorb", choices=["absorb", "naive"],
+                   help="MLA form: weight-absorbed (default) or naive (reference)")
+
+
+def _add_sampling_args(p: argparse.ArgumentParser, temperature: float) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=temperature, help=f"0 = greedy (default: {temperature})")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0, help="0 = no top-k filtering")
+    p.add_argument("--seed", type=int, help="seed for reproducible sampling")
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dsinfer", description="Inference for DeepSeek models (V2, V3, R1, V3.1).")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="complete one or more prompts",
+                       description=f"Complete prompts with a model ({BUNDLED_NOTE}).")
+    _add_model_args(g)
+    src = g.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="the prompt text")
+    src.add_argument("--input-file", help="a text file of prompts separated by blank lines")
+    _add_sampling_args(g, temperature=0.8)
+    g.set_defaults(func=cmd_generate)
+
+    c = sub.add_parser("chat", help="interactive multi-turn chat (/clear resets, /exit quits)",
+                       description=f"Chat through the checkpoint's chat template ({BUNDLED_NOTE}).")
+    _add_model_args(c)
+    c.add_argument("--system", help="a system prompt")
+    c.add_argument("--thinking", action="store_true", help="thinking mode (V3.1 templates: thinking=True)")
+    _add_sampling_args(c, temperature=0.6)
+    c.set_defaults(func=cmd_chat)
+
+    q = sub.add_parser("perplexity", help="perplexity of a text file over sliding windows",
+                       description=f"Perplexity of a text ({BUNDLED_NOTE}; text default: the bundled Hamlet).")
+    _add_model_args(q)
+    q.add_argument("--text-file", help="text to score (default: the bundled Hamlet, with the bundled model)")
+    q.add_argument("--context", type=int, default=512, help="window length in tokens (default: 512)")
+    q.add_argument("--stride", type=int, help="window start step (default: context // 2)")
+    q.set_defaults(func=cmd_perplexity)
+    return parser
+
+
+def _llm(args):
+    from .llm import LLM
+    if args.model is None:
+        print("dsinfer: using the bundled Shakespeare model (pass --model for another)", file=sys.stderr)
+    return LLM(args.model, device=args.device, dtype=args.dtype, max_model_len=args.max_model_len,
+               attn_impl=args.attn_impl, progress=sys.stderr.isatty())
+
+
+def _sampling(args):
+    from .sampling import SamplingParams
+    return SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                          max_tokens=args.max_new_tokens, stop=tuple(args.stop), seed=args.seed)
+
+
+def _read_text(path: str) -> str:
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"file {path} does not exist")
+    return p.read_text(encoding="utf-8")
+
+
+def cmd_generate(args) -> int:
+    if args.prompt is not None:
+        prompts = [args.prompt]
+    else:
+        prompts = [b.strip("\n") for b in _read_text(args.input_file).split("\n\n") if b.strip()]
+        if not prompts:
+            raise ValueError(f"{args.input_file} holds no prompts")
+    params = _sampling(args)
+    llm = _llm(args)
+    for i, out in enumerate(llm.generate(prompts, params)):
+        if i:
+            print()
+        print(prompts[i] + out.text, flush=True)
+    return 0
+
+
+def cmd_chat(args) -> int:
+    params = _sampling(args)
+    llm = _llm(args)
+    kwargs = {"thinking": True} if args.thinking else {}
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    history: list[dict] = []
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print("dsinfer chat: /clear resets the conversation, /exit quits", file=sys.stderr)
+    while True:
+        try:
+            line = input(">>> " if interactive else "")
+        except EOFError:
+            break
+        if not line.strip():
+            continue
+        if line.strip() == "/exit":
+            break
+        if line.strip() == "/clear":
+            history = []
+            print("(conversation cleared)", file=sys.stderr)
+            continue
+        history.append({"role": "user", "content": line})
+        prompt = llm.tokenizer.encode_chat(system + history, add_generation_prompt=True, **kwargs)
+        reply = []
+        for delta in llm.stream(prompt, params):
+            reply.append(delta)
+            print(delta, end="", flush=True)
+        print(flush=True)
+        history.append({"role": "assistant", "content": "".join(reply)})
+    return 0
+
+
+def cmd_perplexity(args) -> int:
+    from .assets import HAMLET
+    from .perplexity import perplexity
+    if args.text_file is None and args.model is not None:
+        raise ValueError("--text-file is required with --model")
+    text = _read_text(args.text_file or str(HAMLET))
+    llm = _llm(args)
+    ids = llm.tokenizer.encode(text)
+    ppl, count = perplexity(llm.engine, ids, args.context, args.stride or args.context // 2)
+    print(f"tokens evaluated: {count}")
+    print(f"perplexity: {ppl:.4f}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, OSError) as e:
+        print(f"dsinfer: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130

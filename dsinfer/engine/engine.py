@@ -1,0 +1,163 @@
+"""Engine: requests in, tokens out, one `step()` at a time. LLM, the CLI and the server all drive this."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..checkpoint import load_model, read_config
+from ..config import EngineConfig
+from ..sampling import Sampler, SamplingParams
+from ..tokenizer import IncrementalDetokenizer, Tokenizer
+from .kv_cache import KVCache, cache_bytes_per_page
+from .runner import ModelRunner
+from .scheduler import Scheduler
+from .sequence import Sequence
+
+
+@dataclass
+class StepOutput:
+    """What one step produced for one request."""
+
+    seq_id: int
+    new_token_ids: list[int]
+    new_text: str                  # text that became final in this step (held back while it may start a stop string)
+    finished: bool
+    finish_reason: str | None
+
+
+class Engine:
+    def __init__(self, model_path: str | Path, config: EngineConfig | None = None):
+        self.config = config = config or EngineConfig()
+        self.device, self.dtype = config.torch_device, config.torch_dtype
+        path, model_config = read_config(model_path)
+        self.tokenizer = Tokenizer.from_dir(path, model_config)
+        self.model, self.args = load_model(path, self.dtype, self.device, config.attn_impl, config.progress)
+        self.max_model_len = config.max_model_len or self.args.max_position_embeddings
+        if self.max_model_len > self.args.max_position_embeddings:
+            raise ValueError(f"max_model_len {self.max_model_len} exceeds the model's max_position_embeddings "
+                             f"{self.args.max_position_embeddings}")
+        self.model.init_rope(self.max_model_len, self.device)
+        self.cache = KVCache(self.args, self._num_pages(), config.page_size, self.dtype, self.device)
+        self.runner = ModelRunner(self.model, self.cache, self.device)
+        self.scheduler = Scheduler(config, self.cache)
+        self.sampler = Sampler()
+        self.default_generator = torch.Generator(self.device).manual_seed(config.seed)
+        self.sequences: dict[int, Sequence] = {}
+        self._ids = itertools.count()
+
+    def _num_pages(self) -> int:
+        c = self.config
+        per_page = cache_bytes_per_page(self.args, c.page_size, self.dtype)
+        wanted = c.max_num_seqs * -(-self.max_model_len // c.page_size)
+        if self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            budget = free - (1 - c.gpu_memory_utilization) * total
+        else:
+            budget = c.cpu_cache_gib * 2**30
+        return max(0, min(int(budget // per_page), wanted))
+
+    # -- requests ------------------------------------------------------------------------------------------
+
+    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None) -> int:
+        """Queue a prompt (text, or token ids); returns its request id."""
+        params = params or SamplingParams()
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        self._check_prompt(ids)
+        seq = Sequence(next(self._ids), ids, len(ids), params, self.max_model_len)
+        if params.seed is not None:
+            seq.generator = torch.Generator(self.device).manual_seed(params.seed)
+        seq.detokenizer = IncrementalDetokenizer(self.tokenizer)
+        self.scheduler.add(seq)
+        self.sequences[seq.seq_id] = seq
+        return seq.seq_id
+
+    def _check_prompt(self, ids: list[int]) -> None:
+        if not ids:
+            raise ValueError("the prompt is empty")
+        if not all(isinstance(t, int) and 0 <= t < self.args.vocab_size for t in ids):
+            raise ValueError(f"prompt token ids must be integers in [0, {self.args.vocab_size})")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(f"the prompt has {len(ids)} tokens; the context holds {self.max_model_len} "
+                             "(prompt plus at least one generated token)")
+
+    def abort(self, seq_id: int) -> None:
+        seq = self.sequences.get(seq_id)
+        if seq is not None and not seq.finished:
+            self.scheduler.finish(seq, "abort")
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def pop(self, seq_id: int) -> Sequence:
+        """Forget a finished request and return it."""
+        return self.sequences.pop(seq_id)
+
+    # -- one step --------------------------------------------------------------------------------------------
+
+    def step(self) -> list[StepOutput]:
+        seqs, num_new = self.scheduler.schedule()
+        if not seqs:
+            return []
+        logits = self.runner.run(seqs, num_new)
+        for seq, n in zip(seqs, num_new):
+            seq.num_cached_tokens += n
+        ready = [i for i, s in enumerate(seqs) if s.num_cached_tokens == s.num_tokens]   # prompt fully cached
+        if not ready:
+            return []
+        ready_seqs = [seqs[i] for i in ready]
+        tokens = self.sampler(logits[ready], [s.params for s in ready_seqs],
+                              [s.generator or self.default_generator for s in ready_seqs],
+                              vocab_limit=self.tokenizer.vocab_size).tolist()
+        return [self._append(seq, token) for seq, token in zip(ready_seqs, tokens)]
+
+    def _append(self, seq: Sequence, token: int) -> StepOutput:
+        seq.token_ids.append(token)
+        reason = None
+        if token in self.tokenizer.eos_ids and not seq.params.ignore_eos:
+            reason = "stop"
+        else:
+            seq.text += seq.detokenizer.step(token)
+            if seq.params.stop and self._cut_at_stop(seq):
+                reason = "stop"
+        if reason is None and (seq.num_generated >= seq.params.max_tokens or seq.num_tokens >= seq.max_len):
+            reason = "length"
+        if reason is not None:
+            self.scheduler.finish(seq, reason)
+        hold = 0 if reason else max((len(s) for s in seq.params.stop), default=1) - 1
+        end = max(seq.num_emitted_chars, len(seq.text) - hold)
+        new_text, seq.num_emitted_chars = seq.text[seq.num_emitted_chars:end], end
+        return StepOutput(seq.seq_id, [token], new_text, reason is not None, reason)
+
+    @staticmethod
+    def _cut_at_stop(seq: Sequence) -> bool:
+        """Cut the text before the first stop string it now contains."""
+        longest = max(len(s) for s in seq.params.stop)
+        tail_from = max(0, seq.num_emitted_chars - longest)
+        hits = [i for s in seq.params.stop if (i := seq.text.find(s, tail_from)) >= 0]
+        if hits:
+            seq.text = seq.text[:min(hits)]
+            return True
+        return False
+
+    # -- scoring ----------------------------------------------------------------------------------------------
+
+    def iter_logits(self, token_ids: list[int]):
+        """Next-token logits at every position of one sequence, (n, V) float32, in prefill-sized chunks."""
+        self._check_prompt(token_ids[:-1] or token_ids)
+        seq = Sequence(-1, list(token_ids), len(token_ids), SamplingParams(max_tokens=1), self.max_model_len)
+        need = self.cache.pages_for(len(token_ids))
+        if need > self.cache.num_free_pages:
+            raise ValueError(f"{len(token_ids)} tokens do not fit in the free KV cache")
+        seq.block_table = self.cache.allocate(need)
+        try:
+            while seq.num_cached_tokens < seq.num_tokens:
+                n = min(seq.num_tokens - seq.num_cached_tokens, self.config.max_num_batched_tokens)
+                logits = self.runner.run([seq], [n], all_logits=True)
+                seq.num_cached_tokens += n
+                yield logits
+        finally:
+            self.cache.free(seq.block_table)

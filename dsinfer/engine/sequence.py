@@ -1,0 +1,55 @@
+"""A request as the engine sees it: its tokens, how many of them are in the cache, its pages, its output text."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+import torch
+
+from ..sampling import SamplingParams
+from ..tokenizer import IncrementalDetokenizer
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class Sequence:
+    seq_id: int
+    token_ids: list[int]                       # prompt followed by generated tokens
+    num_prompt_tokens: int
+    params: SamplingParams
+    max_len: int                               # prompt + generated tokens never exceed this
+    status: SequenceStatus = SequenceStatus.WAITING
+    num_cached_tokens: int = 0                 # tokens whose latents are in the cache
+    block_table: list[int] = field(default_factory=list)
+    generator: torch.Generator | None = None   # set when params.seed is given
+    detokenizer: IncrementalDetokenizer | None = None
+    text: str = ""                             # generated text so far (stop strings cut off)
+    num_emitted_chars: int = 0                 # text handed out by the engine so far (streaming)
+    finish_reason: str | None = None           # "stop" (EOS or stop string), "length" or "abort"
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_generated(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def finished(self) -> bool:
+        return self.status == SequenceStatus.FINISHED
+
+    @property
+    def max_cache_tokens(self) -> int:
+        """Cache rows this request may need: every token but the last one sampled is written to the cache."""
+        return min(self.num_prompt_tokens + self.params.max_tokens, self.max_len)

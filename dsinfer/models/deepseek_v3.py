@@ -1,0 +1,59 @@
+"""The DeepSeek V2 / V3 family (V2, V2-Lite, V3, R1, V3.1) as one model, read top to bottom:
+embedding -> n_layers x (MLA, then dense MLP or MoE, each pre-normed with a residual) -> norm -> LM head.
+
+Tokens are flat: a batch is T new tokens from several sequences, described by AttentionMetadata.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .args import ModelArgs
+from .batch import AttentionMetadata
+from .layers import MLP, Embedding, Linear, RMSNorm
+from .mla import MLA
+from .moe import MoE
+from .rope import rope_cos_sin
+
+
+class Block(nn.Module):
+    def __init__(self, layer_id: int, args: ModelArgs, attn_impl: str = "absorb"):
+        super().__init__()
+        block = args.quant.block_size if args.quant else (128, 128)
+        self.attn_norm = RMSNorm(args.dim, args.norm_eps)
+        self.attn = MLA(args, attn_impl)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+        self.ffn = MoE(args) if args.is_moe_layer(layer_id) else MLP(args.dim, args.inter_dim, block)
+
+    def forward(self, x: torch.Tensor, cos_sin: torch.Tensor, kv_cache: torch.Tensor,
+                attn: AttentionMetadata) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cos_sin, kv_cache, attn)
+        return x + self.ffn(self.ffn_norm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs, attn_impl: str = "absorb"):
+        super().__init__()
+        self.args = args
+        self.embed = Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(Block(i, args, attn_impl) for i in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.head = Linear(args.dim, args.vocab_size)
+        self.rope_table: torch.Tensor | None = None   # (max_positions, rope/2, 2) float32, set by init_rope
+
+    def init_rope(self, max_positions: int, device: torch.device) -> None:
+        """Precompute cos/sin for positions [0, max_positions)."""
+        self.rope_table = rope_cos_sin(self.args.rope, self.args.qk_rope_head_dim, max_positions, device)
+
+    def forward(self, input_ids: torch.Tensor, kv_caches: list[torch.Tensor], attn: AttentionMetadata) -> torch.Tensor:
+        """input_ids: (T,) -> final hidden states (T, D), normalised; kv_caches: one tensor per layer."""
+        h = self.embed(input_ids)
+        cos_sin = self.rope_table[attn.positions]
+        for layer, kv_cache in zip(self.layers, kv_caches):
+            h = layer(h, cos_sin, kv_cache, attn)
+        return self.norm(h)
+
+    def compute_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """(N, D) -> (N, vocab) float32."""
+        return self.head(h).float()

@@ -1,0 +1,72 @@
+"""Multi-head latent attention (DeepSeek V2/V3): queries through an optional low-rank projection, keys and
+values through a shared 512-dim latent plus one 64-dim rotary key; the cache holds only latent + rotary key.
+
+Two mathematically equal forms (see the spec, section 2.4):
+- absorbed (default): W_UK folds into the query and W_UV into the output, attention runs in latent space;
+- naive (test oracle): every cached latent is expanded into per-head keys and values.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..kernels import mla_attention_torch, mla_naive_attention_torch
+from .args import ModelArgs
+from .batch import AttentionMetadata
+from .layers import Linear, RMSNorm
+from .rope import apply_rotary
+
+ATTN_IMPLS = ("absorb", "naive")
+
+
+class MLA(nn.Module):
+    def __init__(self, args: ModelArgs, attn_impl: str = "absorb"):
+        super().__init__()
+        if attn_impl not in ATTN_IMPLS:
+            raise ValueError(f"unknown attention implementation {attn_impl!r}; choose one of {ATTN_IMPLS}")
+        self.attn_impl = attn_impl
+        self.n_heads = args.n_heads
+        self.q_lora_rank = args.q_lora_rank
+        self.kv_lora_rank = args.kv_lora_rank
+        self.qk_nope_head_dim, self.qk_rope_head_dim = args.qk_nope_head_dim, args.qk_rope_head_dim
+        self.v_head_dim = args.v_head_dim
+        self.softmax_scale = args.softmax_scale
+        block = args.quant.block_size if args.quant else (128, 128)
+        qk_head_dim = args.qk_head_dim
+        if self.q_lora_rank == 0:
+            self.wq = Linear(args.dim, self.n_heads * qk_head_dim, block)
+        else:
+            self.wq_a = Linear(args.dim, self.q_lora_rank, block)
+            self.q_norm = RMSNorm(self.q_lora_rank, args.norm_eps)
+            self.wq_b = Linear(self.q_lora_rank, self.n_heads * qk_head_dim, block)
+        self.wkv_a = Linear(args.dim, self.kv_lora_rank + self.qk_rope_head_dim, block)
+        self.kv_norm = RMSNorm(self.kv_lora_rank, args.norm_eps)
+        self.wkv_b = Linear(self.kv_lora_rank, self.n_heads * (self.qk_nope_head_dim + self.v_head_dim), block)
+        self.wo = Linear(self.n_heads * self.v_head_dim, args.dim, block)
+
+    def forward(self, x: torch.Tensor, cos_sin: torch.Tensor, kv_cache: torch.Tensor,
+                attn: AttentionMetadata) -> torch.Tensor:
+        """x: (T, D); cos_sin: (T, rope/2, 2); kv_cache: (pages, page_size, kv_lora + rope). Returns (T, D)."""
+        T = x.shape[0]
+        q = self.wq(x) if self.q_lora_rank == 0 else self.wq_b(self.q_norm(self.wq_a(x)))
+        q = q.view(T, self.n_heads, -1)                                       # (T, H, nope + rope)
+        q_nope, q_pe = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
+        q_pe = apply_rotary(q_pe, cos_sin)
+
+        kv = self.wkv_a(x)                                                    # (T, kv_lora + rope)
+        c, k_pe = kv.split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
+        c = self.kv_norm(c)
+        k_pe = apply_rotary(k_pe.unsqueeze(1), cos_sin).squeeze(1)
+        kv_cache.view(-1, kv_cache.shape[-1])[attn.slot_mapping] = torch.cat([c, k_pe], dim=-1).to(kv_cache.dtype)
+
+        wkv_b = self.wkv_b.dequantized(x.dtype).view(self.n_heads, -1, self.kv_lora_rank)  # (H, nope + v, R)
+        if self.attn_impl == "absorb":
+            q_latent = torch.einsum("thd,hdr->thr", q_nope, wkv_b[:, :self.qk_nope_head_dim])   # (T, H, R)
+            o = mla_attention_torch(q_latent, q_pe, kv_cache, attn.block_tables, attn.query_start_loc,
+                                    attn.context_lens, self.softmax_scale)                    # (T, H, R)
+            o = torch.einsum("thr,hdr->thd", o, wkv_b[:, self.qk_nope_head_dim:])              # (T, H, v)
+        else:
+            o = mla_naive_attention_torch(q_nope, q_pe, kv_cache, attn.block_tables, attn.query_start_loc,
+                                          attn.context_lens, self.softmax_scale, wkv_b)
+        return self.wo(o.flatten(1))

@@ -1,0 +1,59 @@
+"""Rotary position embeddings with YaRN frequency blending, interleaved-pair layout (as DeepSeek trains them)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .args import RopeArgs, yarn_mscale
+
+
+def rope_inv_freq(rope: RopeArgs, dim: int) -> torch.Tensor:
+    """Inverse frequencies f_i = theta^(-2i/dim), blended towards f_i/factor by the YaRN ramp. (dim/2,) float64."""
+    freqs = 1.0 / (rope.theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+    if rope.rope_type != "yarn":
+        return freqs
+
+    def correction_dim(n_rot: float) -> float:
+        return dim * math.log(rope.original_seq_len / (n_rot * 2 * math.pi)) / (2 * math.log(rope.theta))
+
+    lo = max(math.floor(correction_dim(rope.beta_fast)), 0)
+    hi = min(math.ceil(correction_dim(rope.beta_slow)), dim - 1)
+    if lo == hi:
+        hi += 0.001
+    ramp = ((torch.arange(dim // 2, dtype=torch.float64) - lo) / (hi - lo)).clamp(0, 1)
+    return freqs / rope.factor * ramp + freqs * (1 - ramp)
+
+
+def rope_attention_factor(rope: RopeArgs) -> float:
+    """Factor on cos/sin, as HF computes it (1.0 for every DeepSeek release, where mscale == mscale_all_dim)."""
+    if rope.rope_type != "yarn":
+        return 1.0
+    if rope.attention_factor is not None:
+        return float(rope.attention_factor)
+    if rope.mscale and rope.mscale_all_dim:
+        return yarn_mscale(rope.factor, rope.mscale) / yarn_mscale(rope.factor, rope.mscale_all_dim)
+    return yarn_mscale(rope.factor)
+
+
+def rope_cos_sin(rope: RopeArgs, dim: int, max_positions: int, device=None) -> torch.Tensor:
+    """Table of (cos, sin) for positions [0, max_positions): (max_positions, dim/2, 2) float32."""
+    inv_freq = rope_inv_freq(rope, dim)
+    angles = torch.outer(torch.arange(max_positions, dtype=torch.float64), inv_freq)
+    table = torch.stack([angles.cos(), angles.sin()], dim=-1) * rope_attention_factor(rope)
+    return table.to(device=device, dtype=torch.float32)
+
+
+def apply_rotary(x: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs (x[2i], x[2i+1]) by the angle of pair i.
+
+    x: (T, ..., d) any float dtype; cos_sin: (T, d/2, 2) float32 gathered at each token's position.
+    """
+    shape = x.shape
+    xf = x.float().reshape(shape[0], -1, shape[-1] // 2, 2)         # (T, H, d/2, 2)
+    cs = cos_sin.unsqueeze(1)                                        # (T, 1, d/2, 2)
+    cos, sin = cs[..., 0], cs[..., 1]
+    x0, x1 = xf[..., 0], xf[..., 1]
+    out = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1)
+    return out.reshape(shape).to(x.dtype)

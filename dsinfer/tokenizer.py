@@ -1,0 +1,138 @@
+"""Tokenizer (HF `tokenizer.json` through the `tokenizers` library) and the checkpoint's jinja chat template."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from pathlib import Path
+
+from jinja2 import TemplateError
+from jinja2.ext import loopcontrols
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import Tokenizer as _HFTokenizer
+
+
+def _token_text(value) -> str | None:
+    """tokenizer_config.json writes special tokens as strings or as {"content": ...} objects."""
+    if isinstance(value, dict):
+        return value.get("content")
+    return value
+
+
+class Tokenizer:
+    def __init__(self, tokenizer: _HFTokenizer, config: dict, eos_ids: set[int], chat_template: str | None):
+        self._tok = tokenizer
+        self.config = config
+        self.chat_template = chat_template
+        self.bos_token = _token_text(config.get("bos_token"))
+        self.eos_token = _token_text(config.get("eos_token"))
+        self.bos_id = self._tok.token_to_id(self.bos_token) if self.bos_token else None
+        self.add_bos = bool(config.get("add_bos_token", True)) and self.bos_id is not None
+        eos_id = self._tok.token_to_id(self.eos_token) if self.eos_token else None
+        self.eos_ids = set(eos_ids) | ({eos_id} if eos_id is not None else set())
+        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+
+    @classmethod
+    def from_dir(cls, path: str | Path, model_config: dict | None = None) -> "Tokenizer":
+        path = Path(path)
+        tok_file = path / "tokenizer.json"
+        if not tok_file.is_file():
+            raise ValueError(f"{path} has no tokenizer.json (dsinfer reads the fast-tokenizer file of a HF checkpoint)")
+        try:
+            tokenizer = _HFTokenizer.from_file(str(tok_file))
+        except Exception as e:  # the tokenizers library raises its own Exception type
+            raise ValueError(f"cannot read {tok_file}: {e}") from None
+        config = _read_json(path / "tokenizer_config.json")
+        template = config.get("chat_template")
+        if isinstance(template, list):       # [{"name": "default", "template": ...}, ...]
+            named = {t.get("name"): t.get("template") for t in template}
+            template = named.get("default")
+        jinja_file = path / "chat_template.jinja"
+        if template is None and jinja_file.is_file():
+            template = jinja_file.read_text()
+        eos_ids: set[int] = set()
+        for source in (_read_json(path / "generation_config.json"), model_config or {}):
+            eos = source.get("eos_token_id")
+            if eos is not None:
+                eos_ids |= set(eos) if isinstance(eos, list) else {eos}
+                break
+        return cls(tokenizer, config, eos_ids, template)
+
+    def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
+        """Token ids of `text`; BOS is prepended when the tokenizer asks for it (once)."""
+        ids = self._tok.encode(text, add_special_tokens=False).ids
+        if (self.add_bos if add_bos is None else add_bos) and (not ids or ids[0] != self.bos_id):
+            ids = [self.bos_id] + ids
+        return ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> str:
+        """Render a conversation with the checkpoint's template (as HF transformers renders it)."""
+        if not self.chat_template:
+            raise ValueError("this checkpoint has no chat template; use generate with a plain prompt instead")
+        _check_messages(messages)
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+        env.filters["tojson"] = lambda x, indent=None, ensure_ascii=False: json.dumps(
+            x, indent=indent, ensure_ascii=ensure_ascii)
+        env.globals["raise_exception"] = _raise
+        env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+        try:
+            return env.from_string(self.chat_template).render(
+                messages=messages, add_generation_prompt=add_generation_prompt,
+                bos_token=self.bos_token or "", eos_token=self.eos_token or "", **kwargs)
+        except TemplateError as e:
+            raise ValueError(f"chat template error: {e}") from None
+
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> list[int]:
+        """Render and tokenize; the templates write BOS themselves, so it is present exactly once."""
+        ids = self._tok.encode(self.apply_chat_template(messages, add_generation_prompt, **kwargs),
+                               add_special_tokens=False).ids
+        while len(ids) > 1 and ids[0] == ids[1] == self.bos_id:
+            ids = ids[1:]
+        if self.add_bos and (not ids or ids[0] != self.bos_id):
+            ids = [self.bos_id] + ids
+        return ids
+
+
+class IncrementalDetokenizer:
+    """Turns a growing list of token ids into text deltas, holding back incomplete UTF-8 sequences."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.prefix_offset = 0
+        self.read_offset = 0
+
+    def step(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        prefix = self.tokenizer.decode(self.ids[self.prefix_offset:self.read_offset])
+        full = self.tokenizer.decode(self.ids[self.prefix_offset:])
+        if len(full) > len(prefix) and not full.endswith("\ufffd"):
+            self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+            return full[len(prefix):]
+        return ""
+
+
+def _raise(message: str):
+    raise TemplateError(message)
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e})") from None
+
+
+def _check_messages(messages) -> None:
+    if not isinstance(messages, list) or not messages:
+        raise ValueError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
+    for m in messages:
+        if not isinstance(m, dict) or "role" not in m:
+            raise ValueError(f"each message needs a 'role'; got {m!r}")
+        if m["role"] not in ("system", "user", "assistant", "tool", "developer"):
+            raise ValueError(f"unknown message role {m['role']!r}; allowed: system, user, assistant, tool, developer")
