@@ -15,7 +15,8 @@ def cache_bytes_per_page(args: ModelArgs, page_size: int, dtype: torch.dtype) ->
 class KVCache:
     def __init__(self, args: ModelArgs, num_pages: int, page_size: int, dtype: torch.dtype, device: torch.device):
         if num_pages < 1:
-            raise ValueError("the KV cache budget is too small for even one page; raise the cache memory")
+            raise ValueError("the KV cache budget is too small for even one page; raise cpu_cache_gib (CPU) or "
+                             "gpu_memory_utilization (GPU)")
         self.num_pages, self.page_size = num_pages, page_size
         # Rows are only read after they are written, so the pages need no initialisation.
         self.layers = [torch.empty(num_pages, page_size, args.kv_cache_dim, dtype=dtype, device=device)

@@ -1,0 +1,120 @@
+"""The engine's request handling on a tiny V3 checkpoint: stop conditions, streaming, seeds, abort, page
+accounting, and bad requests. The oracle for stopped runs is the same request run without the stop."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from dsinfer import LLM, SamplingParams
+
+GREEDY = dict(temperature=0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def llm(checkpoint):
+    return LLM(checkpoint("v3"), device="cpu", dtype="float32", progress=False, page_size=4)
+
+
+def drain(engine):
+    outs = {}
+    while engine.has_unfinished():
+        for o in engine.step():
+            outs.setdefault(o.seq_id, []).append(o)
+    return outs
+
+
+def test_stop_string_cuts_text(llm):
+    full = llm.generate(["The quick"], SamplingParams(max_tokens=40, **GREEDY))[0]
+    stop = full.text[10:13]
+    assert stop and full.text.find(stop) >= 3
+    out = llm.generate(["The quick"], SamplingParams(max_tokens=40, stop=[stop, "\x00never"], **GREEDY))[0]
+    assert out.finish_reason == "stop"
+    assert out.text == full.text[:full.text.find(stop)]
+    assert full.token_ids[:len(out.token_ids)] == out.token_ids
+
+
+def test_eos_stops_and_is_not_in_text(tmp_path, checkpoint):
+    path = shutil.copytree(checkpoint("v3"), tmp_path / "ckpt")
+    base = LLM(path, device="cpu", dtype="float32", progress=False)
+    ref = base.generate(["Hello world"], SamplingParams(max_tokens=20, **GREEDY))[0]
+    eos = ref.token_ids[6]
+    first = ref.token_ids.index(eos)
+    (path / "generation_config.json").write_text(json.dumps({"eos_token_id": [1, eos]}))
+    llm = LLM(path, device="cpu", dtype="float32", progress=False)
+    out = llm.generate(["Hello world"], SamplingParams(temperature=0, max_tokens=20))[0]
+    assert out.finish_reason == "stop"
+    assert out.token_ids == ref.token_ids[:first + 1]              # EOS is the last token ...
+    assert out.text == llm.tokenizer.decode(ref.token_ids[:first])  # ... and not in the text
+
+
+def test_max_tokens_and_context_limit(checkpoint):
+    llm = LLM(checkpoint("v3"), device="cpu", dtype="float32", progress=False, max_model_len=12)
+    out = llm.generate([[0, 5, 6, 7, 8]], SamplingParams(max_tokens=50, **GREEDY))[0]
+    assert out.finish_reason == "length" and len(out.token_ids) == 7   # 5 + 7 = max_model_len
+    out = llm.generate([[0, 5]], SamplingParams(max_tokens=3, **GREEDY))[0]
+    assert out.finish_reason == "length" and len(out.token_ids) == 3
+
+
+def test_streamed_text_equals_final_text(llm):
+    params = SamplingParams(max_tokens=30, temperature=1.0, seed=3, stop=["zz"])
+    final = llm.generate(["To be"], params)[0].text
+    assert "".join(llm.stream("To be", params)) == final
+
+
+def test_seeded_requests_do_not_depend_on_the_batch(llm):
+    p = SamplingParams(max_tokens=16, temperature=1.0, seed=42)
+    alone = llm.generate(["Hello"], p)[0].token_ids
+    batch = llm.generate(["Hello", "The quick brown", "Hello"],
+                         [p, SamplingParams(max_tokens=9, temperature=0.7, seed=7), p])
+    assert batch[0].token_ids == alone and batch[2].token_ids == alone
+    other = llm.generate(["Hello"], SamplingParams(max_tokens=16, temperature=1.0, seed=43))[0].token_ids
+    assert other != alone
+
+
+def test_many_mixed_requests_equal_alone_and_free_all_pages(checkpoint):
+    llm = LLM(checkpoint("v3"), device="cpu", dtype="float32", progress=False, page_size=4, max_num_seqs=5,
+              max_num_batched_tokens=16)
+    g = torch.Generator().manual_seed(0)
+    prompts = [[0] + torch.randint(7, 320, (int(n),), generator=g).tolist()
+               for n in torch.randint(1, 30, (24,), generator=g)]
+    params = [SamplingParams(max_tokens=int(m), **GREEDY) for m in torch.randint(1, 12, (24,), generator=g)]
+    together = [o.token_ids for o in llm.generate(prompts, params)]
+    alone = [llm.generate([p], sp)[0].token_ids for p, sp in zip(prompts, params)]
+    assert together == alone
+    cache = llm.engine.cache
+    assert cache.num_free_pages == cache.num_pages
+
+
+def test_abort_frees_pages(llm):
+    eng = llm.engine
+    free0 = eng.cache.num_free_pages
+    ids = [eng.add_request("Hello there", SamplingParams(max_tokens=30, **GREEDY)) for _ in range(3)]
+    for _ in range(3):
+        eng.step()
+    held = free0 - eng.cache.num_free_pages
+    assert held > 0
+    eng.abort(ids[1])
+    assert eng.cache.num_free_pages == free0 - held * 2 // 3
+    outs = drain(eng)
+    assert ids[1] not in outs
+    assert eng.pop(ids[1]).finish_reason == "abort"
+    for i in (ids[0], ids[2]):
+        assert eng.pop(i).finish_reason == "length"
+    assert eng.cache.num_free_pages == free0
+
+
+@pytest.mark.parametrize("prompt, params, message", [
+    ([], SamplingParams(), "the prompt is empty"),
+    ([0, 99999], SamplingParams(), "prompt token ids must be integers in [0, 320)"),
+    ("x " * 200, SamplingParams(), "the context holds 64"),
+    ("Hello", SamplingParams(max_tokens=10**6), "lower max_tokens"),
+])
+def test_bad_requests(prompt, params, message, checkpoint):
+    llm = LLM(checkpoint("v3"), device="cpu", dtype="float32", progress=False, max_model_len=64,
+              cpu_cache_gib=3e-6, page_size=4)
+    with pytest.raises(ValueError) as e:
+        llm.generate([prompt], params)
+    assert message in str(e.value)
+    assert not llm.engine.has_unfinished()
