@@ -21,6 +21,7 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.90  # fraction of GPU memory dsinfer may use (weights + cache), in (0, 1]
     cpu_cache_gib: float = 1.0            # KV-cache budget on CPU, GiB, > 0
     attn_impl: str = "absorb"             # "absorb" (weight-absorbed MLA) or "naive" (expanded keys/values; oracle)
+    fp8_impl: str = "auto"                # FP8 linear layers: see models.layers.FP8_IMPLS
     seed: int = 0                         # seed for requests that give none
     progress: bool = True                 # show a progress bar while loading weights
 
@@ -45,6 +46,9 @@ class EngineConfig:
             raise ValueError(f"cpu_cache_gib must be positive, got {self.cpu_cache_gib}")
         if self.attn_impl not in ("absorb", "naive"):
             raise ValueError(f"unknown attn_impl {self.attn_impl!r}; choose absorb or naive")
+        from .models.layers import FP8_IMPLS
+        if self.fp8_impl not in FP8_IMPLS:
+            raise ValueError(f"unknown fp8_impl {self.fp8_impl!r}; choose one of {', '.join(FP8_IMPLS)}")
 
     @property
     def torch_dtype(self) -> torch.dtype:

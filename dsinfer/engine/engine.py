@@ -10,6 +10,7 @@ import torch
 
 from ..checkpoint import load_model, read_config
 from ..config import EngineConfig
+from ..models.layers import set_fp8_impl
 from ..sampling import Sampler, SamplingParams
 from ..tokenizer import IncrementalDetokenizer, Tokenizer
 from .kv_cache import KVCache, cache_bytes_per_page
@@ -36,6 +37,7 @@ class Engine:
         path, model_config = read_config(model_path)
         self.tokenizer = Tokenizer.from_dir(path, model_config)
         self.model, self.args = load_model(path, self.dtype, self.device, config.attn_impl, config.progress)
+        set_fp8_impl(self.model, config.fp8_impl)
         self.max_model_len = config.max_model_len or self.args.max_position_embeddings
         if self.max_model_len > self.args.max_position_embeddings:
             raise ValueError(f"max_model_len {self.max_model_len} exceeds the model's max_position_embeddings "

@@ -10,12 +10,25 @@ from torch import nn
 from ..kernels import weight_dequant_torch
 
 
+# How FP8 weights are multiplied: "auto" picks by device; "torch" dequantizes in PyTorch (the reference path).
+FP8_IMPLS = ("auto", "torch")
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None,
-           block_size: tuple[int, int] = (128, 128)) -> torch.Tensor:
-    """y = x W^T for a weight in x's dtype, or an FP8 e4m3 weight with its block scale (dequantized here)."""
+           block_size: tuple[int, int] = (128, 128), fp8_impl: str = "auto") -> torch.Tensor:
+    """y = x W^T for a weight in x's dtype, or an FP8 e4m3 weight with its block scale."""
     if scale is None:
         return F.linear(x, weight)
     return F.linear(x, weight_dequant_torch(weight, scale, block_size, x.dtype))
+
+
+def set_fp8_impl(model: nn.Module, impl: str) -> None:
+    """Choose how every FP8 linear layer and expert stack of `model` computes (see FP8_IMPLS)."""
+    if impl not in FP8_IMPLS:
+        raise ValueError(f"unknown fp8_impl {impl!r}; choose one of {', '.join(FP8_IMPLS)}")
+    for m in model.modules():
+        if hasattr(m, "fp8_impl"):
+            m.fp8_impl = impl
 
 
 class Linear(nn.Module):
@@ -24,11 +37,12 @@ class Linear(nn.Module):
     def __init__(self, in_features: int, out_features: int, block_size: tuple[int, int] = (128, 128)):
         super().__init__()
         self.in_features, self.out_features, self.block_size = in_features, out_features, block_size
+        self.fp8_impl = "auto"
         self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
         self.register_parameter("scale", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.scale, self.block_size)
+        return linear(x, self.weight, self.scale, self.block_size, self.fp8_impl)
 
     def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
         """The weight in `dtype` (a view when it is not quantized)."""

@@ -57,6 +57,7 @@ class Experts(nn.Module):
     def __init__(self, n_experts: int, dim: int, inter_dim: int, block_size: tuple[int, int] = (128, 128)):
         super().__init__()
         self.n_experts, self.block_size = n_experts, block_size
+        self.fp8_impl = "auto"
         self.w1 = nn.Parameter(torch.empty(n_experts, inter_dim, dim), requires_grad=False)   # gate_proj
         self.w2 = nn.Parameter(torch.empty(n_experts, dim, inter_dim), requires_grad=False)   # down_proj
         self.w3 = nn.Parameter(torch.empty(n_experts, inter_dim, dim), requires_grad=False)   # up_proj
@@ -65,7 +66,7 @@ class Experts(nn.Module):
 
     def _linear(self, x: torch.Tensor, name: str, e: int) -> torch.Tensor:
         scale = getattr(self, f"{name}_scale")
-        return linear(x, getattr(self, name)[e], None if scale is None else scale[e], self.block_size)
+        return linear(x, getattr(self, name)[e], None if scale is None else scale[e], self.block_size, self.fp8_impl)
 
     def expert_forward(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """SwiGLU of expert e on x (n, D) -> (n, D)."""
