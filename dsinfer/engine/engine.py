@@ -127,6 +127,7 @@ class Engine:
                 reason = "stop"
         if reason is None and (seq.num_generated >= seq.params.max_tokens or seq.num_tokens >= seq.max_len):
             reason = "length"
+            seq.text += seq.detokenizer.flush()
         if reason is not None:
             self.scheduler.finish(seq, reason)
         hold = 0 if reason else max((len(s) for s in seq.params.stop), default=1) - 1
