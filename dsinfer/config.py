@@ -22,6 +22,8 @@ class EngineConfig:
     cpu_cache_gib: float = 1.0            # KV-cache budget on CPU, GiB, > 0
     attn_impl: str = "absorb"             # "absorb" (weight-absorbed MLA) or "naive" (expanded keys/values; oracle)
     fp8_impl: str = "auto"                # FP8 linear layers: see models.layers.FP8_IMPLS
+    attn_backend: str = "auto"            # MLA attention + cache write: "auto" (triton on GPU), "torch", "triton"
+    enable_prefix_caching: bool = True    # reuse cached pages of identical prompt prefixes
     seed: int = 0                         # seed for requests that give none
     progress: bool = True                 # show a progress bar while loading weights
 
@@ -46,6 +48,8 @@ class EngineConfig:
             raise ValueError(f"cpu_cache_gib must be positive, got {self.cpu_cache_gib}")
         if self.attn_impl not in ("absorb", "naive"):
             raise ValueError(f"unknown attn_impl {self.attn_impl!r}; choose absorb or naive")
+        if self.attn_backend not in ("auto", "torch", "triton"):
+            raise ValueError(f"unknown attn_backend {self.attn_backend!r}; choose auto, torch or triton")
         from .models.layers import FP8_IMPLS
         if self.fp8_impl not in FP8_IMPLS:
             raise ValueError(f"unknown fp8_impl {self.fp8_impl!r}; choose one of {', '.join(FP8_IMPLS)}")

@@ -11,8 +11,11 @@ import torch
 from ..checkpoint import load_model, read_config
 from ..config import EngineConfig
 from ..models.layers import set_fp8_impl
+from ..models.mla import set_attn_backend
 from ..sampling import Sampler, SamplingParams
 from ..tokenizer import IncrementalDetokenizer, Tokenizer
+from ..kernels.mla_triton import triton_available
+from .block_manager import BlockManager
 from .kv_cache import KVCache, cache_bytes_per_page
 from .runner import ModelRunner
 from .scheduler import Scheduler
@@ -38,14 +41,19 @@ class Engine:
         self.tokenizer = Tokenizer.from_dir(path, model_config)
         self.model, self.args = load_model(path, self.dtype, self.device, config.attn_impl, config.progress)
         set_fp8_impl(self.model, config.fp8_impl)
+        backend = config.attn_backend
+        if backend == "auto":
+            backend = "triton" if self.device.type == "cuda" and triton_available() else "torch"
+        set_attn_backend(self.model, backend)
         self.max_model_len = config.max_model_len or self.args.max_position_embeddings
         if self.max_model_len > self.args.max_position_embeddings:
             raise ValueError(f"max_model_len {self.max_model_len} exceeds the model's max_position_embeddings "
                              f"{self.args.max_position_embeddings}")
         self.model.init_rope(self.max_model_len, self.device)
         self.cache = KVCache(self.args, self._num_pages(), config.page_size, self.dtype, self.device)
+        self.block_manager = BlockManager(self.cache.num_pages, config.page_size, config.enable_prefix_caching)
         self.runner = ModelRunner(self.model, self.cache, self.device)
-        self.scheduler = Scheduler(config, self.cache)
+        self.scheduler = Scheduler(config, self.block_manager)
         self.sampler = Sampler()
         self.default_generator = torch.Generator(self.device).manual_seed(config.seed)
         self.sequences: dict[int, Sequence] = {}
@@ -107,6 +115,7 @@ class Engine:
         logits = self.runner.run(seqs, num_new)
         for seq, n in zip(seqs, num_new):
             seq.num_cached_tokens += n
+            self.block_manager.commit(seq)
         ready = [i for i, s in enumerate(seqs) if s.num_cached_tokens == s.num_tokens]   # prompt fully cached
         if not ready:
             return []
@@ -152,10 +161,8 @@ class Engine:
         """Next-token logits at every position of one sequence, (n, V) float32, in prefill-sized chunks."""
         self._check_prompt(token_ids[:-1] or token_ids)
         seq = Sequence(-1, list(token_ids), len(token_ids), SamplingParams(max_tokens=1), self.max_model_len)
-        need = self.cache.pages_for(len(token_ids))
-        if need > self.cache.num_free_pages:
+        if not self.block_manager.ensure(seq, len(token_ids)):
             raise ValueError(f"{len(token_ids)} tokens do not fit in the free KV cache")
-        seq.block_table = self.cache.allocate(need)
         try:
             while seq.num_cached_tokens < seq.num_tokens:
                 n = min(seq.num_tokens - seq.num_cached_tokens, self.config.max_num_batched_tokens)
@@ -163,4 +170,4 @@ class Engine:
                 seq.num_cached_tokens += n
                 yield logits
         finally:
-            self.cache.free(seq.block_table)
+            self.block_manager.release(seq)

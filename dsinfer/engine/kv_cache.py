@@ -1,5 +1,5 @@
-"""The paged latent cache: per layer, pages of `page_size` tokens x (kv_lora_rank + qk_rope_head_dim) values,
-and a free list of page indices shared by all layers."""
+"""The paged latent cache: per layer, (num_pages, page_size, kv_lora_rank + qk_rope_head_dim) values.
+Which sequence owns which page is the BlockManager's business."""
 
 from __future__ import annotations
 
@@ -21,19 +21,3 @@ class KVCache:
         # Rows are only read after they are written, so the pages need no initialisation.
         self.layers = [torch.empty(num_pages, page_size, args.kv_cache_dim, dtype=dtype, device=device)
                        for _ in range(args.n_layers)]
-        self.free_pages = list(range(num_pages - 1, -1, -1))
-
-    @property
-    def num_free_pages(self) -> int:
-        return len(self.free_pages)
-
-    def pages_for(self, num_tokens: int) -> int:
-        return -(-num_tokens // self.page_size)
-
-    def allocate(self, n: int) -> list[int]:
-        if n > len(self.free_pages):
-            raise RuntimeError(f"asked for {n} pages with {len(self.free_pages)} free")
-        return [self.free_pages.pop() for _ in range(n)]
-
-    def free(self, pages: list[int]) -> None:
-        self.free_pages.extend(reversed(pages))

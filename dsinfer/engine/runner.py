@@ -12,10 +12,11 @@ from .sequence import Sequence
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, cache: KVCache, device: torch.device):
         self.model, self.cache, self.device = model, cache, device
+        self.page_size = cache.page_size
 
     def prepare(self, seqs: list[Sequence], num_new: list[int]) -> tuple[torch.Tensor, AttentionMetadata]:
         """The next num_new[i] uncached tokens of each sequence, as input ids and attention metadata."""
-        page_size = self.cache.page_size
+        page_size = self.page_size
         ids, positions, slots, starts, context_lens = [], [], [], [0], []
         for seq, n in zip(seqs, num_new):
             begin, end = seq.num_cached_tokens, seq.num_cached_tokens + n
@@ -31,7 +32,10 @@ class ModelRunner:
             positions=torch.tensor(positions, dtype=torch.int64, **to),
             slot_mapping=torch.tensor(slots, dtype=torch.int64, **to),
             block_tables=torch.tensor(tables, dtype=torch.int32, **to),
-            query_start_loc=starts, context_lens=context_lens)
+            query_start_loc=starts, context_lens=context_lens,
+            cu_seqlens_q=torch.tensor(starts, dtype=torch.int32, **to),
+            seq_lens=torch.tensor(context_lens, dtype=torch.int32, **to),
+            max_query_len=max(num_new), max_seq_len=max(context_lens))
         return torch.tensor(ids, dtype=torch.int64, **to), attn
 
     @torch.inference_mode()

@@ -27,6 +27,7 @@ class Sequence:
     status: SequenceStatus = SequenceStatus.WAITING
     num_cached_tokens: int = 0                 # tokens whose latents are in the cache
     block_table: list[int] = field(default_factory=list)
+    page_hashes: list[int] = field(default_factory=list)   # prefix hash of each full page (prefix caching)
     generator: torch.Generator | None = None   # set when params.seed is given
     detokenizer: IncrementalDetokenizer | None = None
     text: str = ""                             # generated text so far (stop strings cut off)

@@ -21,6 +21,10 @@ class AttentionMetadata:
     block_tables: torch.Tensor       # (B, max_pages) int32: the pages of each sequence, in order
     query_start_loc: list[int]       # B + 1 offsets into the T rows
     context_lens: list[int]          # B: tokens each sequence attends to, new ones included
+    cu_seqlens_q: torch.Tensor       # (B + 1,) int32: query_start_loc on the device (for kernels)
+    seq_lens: torch.Tensor           # (B,) int32: context_lens on the device
+    max_query_len: int               # largest number of new tokens of one sequence
+    max_seq_len: int                 # largest context length
 
     @property
     def num_seqs(self) -> int:

@@ -12,12 +12,24 @@ import torch
 from torch import nn
 
 from ..kernels import mla_attention_torch, mla_naive_attention_torch
+from ..kernels.cache_write import store_latent, store_latent_torch
+from ..kernels.mla_triton import mla_attention as mla_attention_triton
 from .args import ModelArgs
 from .batch import AttentionMetadata
 from .layers import Linear, RMSNorm
 from .rope import apply_rotary
 
 ATTN_IMPLS = ("absorb", "naive")
+ATTN_BACKENDS = ("torch", "triton")     # who runs the absorbed attention and the cache write
+
+
+def set_attn_backend(model: nn.Module, backend: str) -> None:
+    """Run every MLA layer of `model` with the PyTorch twins or the Triton kernels."""
+    if backend not in ATTN_BACKENDS:
+        raise ValueError(f"unknown attention backend {backend!r}; choose one of {', '.join(ATTN_BACKENDS)}")
+    for m in model.modules():
+        if isinstance(m, MLA):
+            m.attn_backend = backend
 
 
 class MLA(nn.Module):
@@ -26,6 +38,7 @@ class MLA(nn.Module):
         if attn_impl not in ATTN_IMPLS:
             raise ValueError(f"unknown attention implementation {attn_impl!r}; choose one of {ATTN_IMPLS}")
         self.attn_impl = attn_impl
+        self.attn_backend = "torch"
         self.n_heads = args.n_heads
         self.q_lora_rank = args.q_lora_rank
         self.kv_lora_rank = args.kv_lora_rank
@@ -58,13 +71,18 @@ class MLA(nn.Module):
         c, k_pe = kv.split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
         c = self.kv_norm(c)
         k_pe = apply_rotary(k_pe.unsqueeze(1), cos_sin).squeeze(1)
-        kv_cache.view(-1, kv_cache.shape[-1])[attn.slot_mapping] = torch.cat([c, k_pe], dim=-1).to(kv_cache.dtype)
+        triton_backend = self.attn_backend == "triton"
+        (store_latent if triton_backend else store_latent_torch)(kv_cache, attn.slot_mapping, c, k_pe)
 
         wkv_b = self.wkv_b.dequantized(x.dtype).view(self.n_heads, -1, self.kv_lora_rank)  # (H, nope + v, R)
         if self.attn_impl == "absorb":
             q_latent = torch.einsum("thd,hdr->thr", q_nope, wkv_b[:, :self.qk_nope_head_dim])   # (T, H, R)
-            o = mla_attention_torch(q_latent, q_pe, kv_cache, attn.block_tables, attn.query_start_loc,
-                                    attn.context_lens, self.softmax_scale)                    # (T, H, R)
+            if triton_backend:
+                o = mla_attention_triton(q_latent, q_pe, kv_cache, attn.block_tables, attn.cu_seqlens_q,
+                                         attn.seq_lens, self.softmax_scale, attn.max_query_len, attn.max_seq_len)
+            else:
+                o = mla_attention_torch(q_latent, q_pe, kv_cache, attn.block_tables, attn.query_start_loc,
+                                        attn.context_lens, self.softmax_scale)                # (T, H, R)
             o = torch.einsum("thr,hdr->thd", o, wkv_b[:, self.qk_nope_head_dim:])              # (T, H, v)
         else:
             o = mla_naive_attention_torch(q_nope, q_pe, kv_cache, attn.block_tables, attn.query_start_loc,

@@ -98,7 +98,7 @@ def test_cached_decode_equals_full_recompute(name, llm32):
     full = llm.logits(ids + cont)                                         # one pass over everything
     eng = llm.engine
     seq = Sequence(-1, list(ids), len(ids), SamplingParams(max_tokens=len(cont)), eng.max_model_len)
-    seq.block_table = eng.cache.allocate(eng.cache.pages_for(len(ids) + len(cont)))
+    assert eng.block_manager.ensure(seq, len(ids) + len(cont))
     try:
         steps = [eng.runner.run([seq], [len(ids)])]
         seq.num_cached_tokens = len(ids)
@@ -107,7 +107,7 @@ def test_cached_decode_equals_full_recompute(name, llm32):
             steps.append(eng.runner.run([seq], [1]))
             seq.num_cached_tokens += 1
     finally:
-        eng.cache.free(seq.block_table)
+        eng.block_manager.release(seq)
     stepped = torch.cat(steps)
     assert (stepped - full[len(ids) - 1:-1]).abs().max().item() < 1e-4
     assert stepped.argmax(-1).tolist() == cont
@@ -122,7 +122,7 @@ def test_batch_of_different_lengths_equals_each_alone(chunk, checkpoint):
     together = [o.token_ids for o in llm.generate(prompts, params)]
     alone = [llm.generate([p], params)[0].token_ids for p in prompts]
     assert together == alone
-    assert llm.engine.cache.num_free_pages == llm.engine.cache.num_pages
+    assert llm.engine.block_manager.num_free_pages == llm.engine.block_manager.num_pages
 
 
 # --- FP8 checkpoints in the published format --------------------------------------------------------------

@@ -1,0 +1,169 @@
+"""Absorbed-MLA attention over the paged latent cache, in Triton: decode, prefill and chunked prefill.
+
+Design: every head of every new token is one query row against the same single-head latent KV (MLA is
+multi-query attention with a 576-dim key and a 512-dim value that is the key's first 512 dims). A program
+takes a tile of BLOCK_T tokens x BLOCK_H heads of one sequence and streams that sequence's cached rows
+through page lookups, with an online softmax in float32. For decode (few rows, long contexts) the context is
+split into `num_splits` ranges run by separate programs whose partial outputs are merged by log-sum-exp.
+Causality: the new tokens are the last ones of the context, so query t of a sequence with q_len new tokens and
+context_len cached-plus-new tokens sees keys 0 .. context_len - q_len + t.
+
+PyTorch twin: kernels.mla_attention.mla_attention_torch.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs run the PyTorch twins
+    triton = None
+
+
+def triton_available() -> bool:
+    return triton is not None
+
+
+def _triton_jit(fn):
+    return triton.jit(fn) if triton is not None else fn
+
+
+@_triton_jit
+def _mla_attention_kernel(
+    QL, QP, KV, BlockTables, CuSeqQ, SeqLens, Out, Lse,                       # pointers
+    H, num_splits, split_len, sm_scale_log2,                                 # sizes
+    stride_qlt, stride_qlh, stride_qpt, stride_qph,
+    stride_kvp, stride_kvs, stride_bt,
+    stride_os, stride_ot, stride_oh, stride_ls, stride_lt,                   # strides
+    PAGE_SIZE: tl.constexpr, R: tl.constexpr, P: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+    SPLIT: tl.constexpr, IEEE: tl.constexpr,                                 # constexprs
+):
+    pid_h, pid_t, pid_bs = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    b = pid_bs // num_splits
+    s = pid_bs % num_splits
+    q_start = tl.load(CuSeqQ + b)
+    q_len = tl.load(CuSeqQ + b + 1) - q_start
+    t0 = pid_t * BLOCK_T
+    if t0 >= q_len:
+        return
+    ctx = tl.load(SeqLens + b)
+    BLOCK_M: tl.constexpr = BLOCK_T * BLOCK_H
+    offs_m = tl.arange(0, BLOCK_M)
+    t = t0 + offs_m // BLOCK_H                                  # token of each row (within the sequence)
+    h = pid_h * BLOCK_H + offs_m % BLOCK_H                      # head of each row
+    row_ok = (t < q_len) & (h < H)
+    pos = ctx - q_len + t                                       # last key each row may see
+    kv_lo = s * split_len
+    kv_hi = tl.minimum(ctx, kv_lo + split_len)
+    kv_hi = tl.minimum(kv_hi, ctx - q_len + tl.minimum(t0 + BLOCK_T, q_len))   # causal bound of the tile
+
+    offs_r = tl.arange(0, BLOCK_R)                              # latent dims (padded to a power of two)
+    offs_p = tl.arange(0, BLOCK_P)                              # rotary dims
+    r_ok, p_ok = offs_r < R, offs_p < P
+    tok = q_start + t
+    ql = tl.load(QL + tok[:, None] * stride_qlt + h[:, None] * stride_qlh + offs_r[None, :],
+                 mask=row_ok[:, None] & r_ok[None, :], other=0.0)
+    qp = tl.load(QP + tok[:, None] * stride_qpt + h[:, None] * stride_qph + offs_p[None, :],
+                 mask=row_ok[:, None] & p_ok[None, :], other=0.0)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_R], tl.float32)
+    for n0 in range(kv_lo, kv_hi, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < kv_hi
+        page = tl.load(BlockTables + b * stride_bt + offs_n // PAGE_SIZE, mask=n_ok, other=0)
+        row = page.to(tl.int64) * stride_kvp + (offs_n % PAGE_SIZE) * stride_kvs
+        c = tl.load(KV + row[:, None] + offs_r[None, :], mask=n_ok[:, None] & r_ok[None, :], other=0.0)   # (N, R)
+        kp = tl.load(KV + row[:, None] + R + offs_p[None, :], mask=n_ok[:, None] & p_ok[None, :], other=0.0)
+        if IEEE:
+            qk = tl.dot(ql, tl.trans(c), input_precision="ieee") + tl.dot(qp, tl.trans(kp), input_precision="ieee")
+        else:
+            qk = tl.dot(ql, tl.trans(c)) + tl.dot(qp, tl.trans(kp))
+        qk = qk * sm_scale_log2
+        visible = (offs_n[None, :] <= pos[:, None]) & n_ok[None, :]
+        qk = tl.where(visible, qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(qk - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if IEEE:
+            acc = acc * alpha[:, None] + tl.dot(p.to(c.dtype), c, input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(c.dtype), c)
+        m_i = m_new
+
+    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    o_ptr = Out + s * stride_os + tok[:, None] * stride_ot + h[:, None] * stride_oh + offs_r[None, :]
+    tl.store(o_ptr, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & r_ok[None, :])
+    if SPLIT:
+        lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log2(tl.where(l_i == 0.0, 1.0, l_i)))
+        tl.store(Lse + s * stride_ls + tok * stride_lt + h, lse, mask=row_ok)
+
+
+def _num_splits(num_seqs: int, head_blocks: int, max_query_len: int, max_seq_len: int, block_n: int) -> int:
+    """Enough programs to fill the GPU when there are few rows (decode); one split for prefills."""
+    if max_query_len > 1:
+        return 1
+    programs = num_seqs * head_blocks
+    want = -(-264 // programs)                                  # about two programs per H100 SM
+    return max(1, min(want, -(-max_seq_len // (4 * block_n)), 64))
+
+
+def mla_attention(q_latent: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
+                  cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, scale: float, max_query_len: int,
+                  max_seq_len: int, num_splits: int | None = None) -> torch.Tensor:
+    """Absorbed MLA attention, (T, H, R) out in q_latent's dtype.
+
+    q_latent: (T, H, R) and q_pe: (T, H, P), each row's last dim contiguous; kv_cache: (pages, page_size, R + P)
+    contiguous, same dtype as q; block_tables: (B, max_pages) int32; cu_seqlens_q: (B + 1,) int32 offsets of each
+    sequence's rows; seq_lens: (B,) int32 context lengths (cached + new). max_query_len / max_seq_len bound the
+    grid (host ints, so the launch needs no device sync).
+    """
+    if triton is None:
+        raise RuntimeError("triton is not installed; use the PyTorch attention twin")
+    T, H, R = q_latent.shape
+    P = q_pe.shape[-1]
+    if q_pe.shape[:2] != (T, H) or kv_cache.shape[-1] != R + P:
+        raise ValueError(f"shapes do not fit: q_latent {tuple(q_latent.shape)}, q_pe {tuple(q_pe.shape)}, "
+                         f"kv_cache {tuple(kv_cache.shape)}")
+    if q_latent.dtype != kv_cache.dtype or q_pe.dtype != kv_cache.dtype:
+        raise TypeError(f"q and kv_cache dtypes differ: {q_latent.dtype}, {q_pe.dtype}, {kv_cache.dtype}")
+    if q_latent.stride(-1) != 1 or q_pe.stride(-1) != 1 or not kv_cache.is_contiguous():
+        raise ValueError("q_latent, q_pe need a contiguous last dim and kv_cache must be contiguous")
+    num_seqs = seq_lens.shape[0]
+    out = torch.empty_like(q_latent)
+    if T == 0 or num_seqs == 0:
+        return out
+    block_h = min(16, triton.next_power_of_2(H))
+    block_t = max(1, min(16 // block_h, triton.next_power_of_2(max_query_len)))   # BLOCK_M = 16 rows
+    block_n = 32 if R > 128 else 64
+    head_blocks = -(-H // block_h)
+    splits = num_splits or _num_splits(num_seqs, head_blocks, max_query_len, max_seq_len, block_n)
+    split_len = -(-max(max_seq_len, 1) // splits)
+    split_len = -(-split_len // block_n) * block_n
+    if splits > 1:
+        partial = torch.empty(splits, T, H, R, dtype=torch.float32, device=q_latent.device)
+        lse = torch.empty(splits, T, H, dtype=torch.float32, device=q_latent.device)
+    else:
+        partial, lse = out.unsqueeze(0), out.new_empty(1, 1, 1, dtype=torch.float32)
+    grid = (head_blocks, -(-max_query_len // block_t), num_seqs * splits)
+    _mla_attention_kernel[grid](
+        q_latent, q_pe, kv_cache, block_tables, cu_seqlens_q, seq_lens, partial, lse,
+        H, splits, split_len, scale * math.log2(math.e),
+        q_latent.stride(0), q_latent.stride(1), q_pe.stride(0), q_pe.stride(1),
+        kv_cache.stride(0), kv_cache.stride(1), block_tables.stride(0),
+        partial.stride(0), partial.stride(1), partial.stride(2), lse.stride(0), lse.stride(1),
+        PAGE_SIZE=kv_cache.shape[1], R=R, P=P, BLOCK_R=max(16, triton.next_power_of_2(R)),
+        BLOCK_P=max(16, triton.next_power_of_2(P)), BLOCK_H=block_h, BLOCK_T=block_t, BLOCK_N=block_n,
+        SPLIT=splits > 1, IEEE=q_latent.dtype == torch.float32, num_warps=4, num_stages=2)
+    if splits > 1:
+        weight = torch.exp2(lse - lse.amax(dim=0, keepdim=True).clamp(min=-1e30))     # (S, T, H)
+        out.copy_((partial * weight[..., None]).sum(0) / weight.sum(0).clamp(min=1e-30)[..., None])
+    return out
