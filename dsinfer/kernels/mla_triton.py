@@ -107,24 +107,46 @@ def _mla_attention_kernel(
         tl.store(Lse + s * stride_ls + tok * stride_lt + h, lse, mask=row_ok)
 
 
-def _num_splits(num_seqs: int, head_blocks: int, max_query_len: int, max_seq_len: int, block_n: int) -> int:
-    """Enough programs to fill the GPU when there are few rows (decode); one split for prefills."""
+@_triton_jit
+def _merge_kernel(Partial, Lse, Out, num_splits, H, stride_ps, stride_pt, stride_ph, stride_ls, stride_lt,
+                  stride_ot, stride_oh, R: tl.constexpr, BLOCK_R: tl.constexpr):
+    """One (token, head) row: combine the splits' normalised partial outputs by their log-sum-exps (base 2)."""
+    t, h = tl.program_id(0), tl.program_id(1)
+    offs_r = tl.arange(0, BLOCK_R)
+    m = tl.full([1], float("-inf"), tl.float32)
+    for s in range(num_splits):
+        m = tl.maximum(m, tl.load(Lse + s * stride_ls + t * stride_lt + h + tl.arange(0, 1)))
+    m = tl.where(m == float("-inf"), 0.0, m)
+    acc = tl.zeros([BLOCK_R], tl.float32)
+    denom = tl.zeros([1], tl.float32)
+    for s in range(num_splits):
+        w = tl.exp2(tl.load(Lse + s * stride_ls + t * stride_lt + h + tl.arange(0, 1)) - m)
+        part = tl.load(Partial + s * stride_ps + t * stride_pt + h * stride_ph + offs_r, mask=offs_r < R, other=0.0)
+        acc += w * part
+        denom += w
+    out = acc / tl.where(denom == 0.0, 1.0, denom)
+    tl.store(Out + t * stride_ot + h * stride_oh + offs_r, out.to(Out.dtype.element_ty), mask=offs_r < R)
+
+
+def _num_splits(num_seqs: int, head_blocks: int, max_query_len: int, max_seq_len: int) -> int:
+    """Enough programs to fill the GPU when there are few rows (decode), but splits of at least 1024 keys, so
+    writing and merging partial results stays small next to reading the cache; one split for prefills."""
     if max_query_len > 1:
         return 1
-    programs = num_seqs * head_blocks
-    want = -(-264 // programs)                                  # about two programs per H100 SM
-    return max(1, min(want, -(-max_seq_len // (4 * block_n)), 64))
+    want = -(-264 // (num_seqs * head_blocks))                  # about two programs per H100 SM
+    return max(1, min(want, max_seq_len // 1024, 64))
 
 
 def mla_attention(q_latent: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
                   cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, scale: float, max_query_len: int,
-                  max_seq_len: int, num_splits: int | None = None) -> torch.Tensor:
+                  max_seq_len: int, num_splits: int | None = None, config: dict | None = None) -> torch.Tensor:
     """Absorbed MLA attention, (T, H, R) out in q_latent's dtype.
 
     q_latent: (T, H, R) and q_pe: (T, H, P), each row's last dim contiguous; kv_cache: (pages, page_size, R + P)
     contiguous, same dtype as q; block_tables: (B, max_pages) int32; cu_seqlens_q: (B + 1,) int32 offsets of each
     sequence's rows; seq_lens: (B,) int32 context lengths (cached + new). max_query_len / max_seq_len bound the
-    grid (host ints, so the launch needs no device sync).
+    grid (host ints, so the launch needs no device sync). `config` overrides the launch parameters
+    (block_h, block_n, num_warps, num_stages) for tuning.
     """
     if triton is None:
         raise RuntimeError("triton is not installed; use the PyTorch attention twin")
@@ -141,11 +163,12 @@ def mla_attention(q_latent: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Te
     out = torch.empty_like(q_latent)
     if T == 0 or num_seqs == 0:
         return out
-    block_h = min(16, triton.next_power_of_2(H))
-    block_t = max(1, min(16 // block_h, triton.next_power_of_2(max_query_len)))   # BLOCK_M = 16 rows
-    block_n = 32 if R > 128 else 64
+    cfg = {"block_h": 16, "block_n": 32 if R > 128 else 64, "num_warps": 4, "num_stages": 2, **(config or {})}
+    block_h = min(cfg["block_h"], triton.next_power_of_2(H))
+    block_t = max(1, min(16 // block_h, triton.next_power_of_2(max_query_len)))   # at least 16 rows a tile
+    block_n = cfg["block_n"]
     head_blocks = -(-H // block_h)
-    splits = num_splits or _num_splits(num_seqs, head_blocks, max_query_len, max_seq_len, block_n)
+    splits = num_splits or _num_splits(num_seqs, head_blocks, max_query_len, max_seq_len)
     split_len = -(-max(max_seq_len, 1) // splits)
     split_len = -(-split_len // block_n) * block_n
     if splits > 1:
@@ -162,8 +185,10 @@ def mla_attention(q_latent: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Te
         partial.stride(0), partial.stride(1), partial.stride(2), lse.stride(0), lse.stride(1),
         PAGE_SIZE=kv_cache.shape[1], R=R, P=P, BLOCK_R=max(16, triton.next_power_of_2(R)),
         BLOCK_P=max(16, triton.next_power_of_2(P)), BLOCK_H=block_h, BLOCK_T=block_t, BLOCK_N=block_n,
-        SPLIT=splits > 1, IEEE=q_latent.dtype == torch.float32, num_warps=4, num_stages=2)
+        SPLIT=splits > 1, IEEE=q_latent.dtype == torch.float32, num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"])
     if splits > 1:
-        weight = torch.exp2(lse - lse.amax(dim=0, keepdim=True).clamp(min=-1e30))     # (S, T, H)
-        out.copy_((partial * weight[..., None]).sum(0) / weight.sum(0).clamp(min=1e-30)[..., None])
+        _merge_kernel[(T, H)](partial, lse, out, splits, H, partial.stride(0), partial.stride(1), partial.stride(2),
+                              lse.stride(0), lse.stride(1), out.stride(0), out.stride(1), R=R,
+                              BLOCK_R=triton.next_power_of_2(R))
     return out

@@ -1,0 +1,77 @@
+"""Decode attention over the paged latent cache: achieved bandwidth against the device's copy bandwidth.
+
+DeepSeek-V3 attention shapes (128 heads, latent 512 + rope 64, bf16, 64-token pages). Bytes counted per call:
+the cache rows read (batch x context x 576 x 2) plus queries and outputs. Usage:
+    python benchmarks/bench_mla_decode.py [--batch 1 16 64 128] [--context 1024 4096 32768]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+import triton
+
+from dsinfer.kernels.mla_triton import mla_attention
+
+
+def copy_bandwidth() -> float:
+    x = torch.empty(2**30 // 2, dtype=torch.bfloat16, device="cuda")
+    y = torch.empty_like(x)
+    ms = triton.testing.do_bench(lambda: y.copy_(x))
+    return 2 * x.numel() * 2 / ms / 1e9                   # TB/s, bytes read + written
+
+
+def bench(batch: int, context: int, heads=128, rank=512, rope=64, page_size=64, config=None,
+          graph=True) -> tuple[float, float]:
+    """(microseconds, TB/s) of one decode attention call; graph=True times it replayed in a CUDA graph, as the
+    engine's decode step runs, so host launch overhead is not counted."""
+    pages_per_seq = -(-context // page_size)
+    kv = torch.randn(batch * pages_per_seq, page_size, rank + rope, dtype=torch.bfloat16, device="cuda")
+    tables = torch.randperm(batch * pages_per_seq, device="cuda").view(batch, pages_per_seq).int()
+    q_latent = torch.randn(batch, heads, rank, dtype=torch.bfloat16, device="cuda")
+    q_pe = torch.randn(batch, heads, rope, dtype=torch.bfloat16, device="cuda")
+    cu = torch.arange(batch + 1, dtype=torch.int32, device="cuda")
+    lens = torch.full((batch,), context, dtype=torch.int32, device="cuda")
+    fn = lambda: mla_attention(q_latent, q_pe, kv, tables, cu, lens, 0.1352, 1, context, config=config)  # noqa: E731
+    fn()
+    ms = triton.testing.do_bench_cudagraph(fn, rep=50) if graph else triton.testing.do_bench(fn, warmup=10, rep=50)
+    nbytes = batch * context * (rank + rope) * 2 + batch * heads * (2 * rank + rope) * 2
+    return ms * 1e3, nbytes / ms / 1e9
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 4, 16, 32, 64, 128])
+    p.add_argument("--context", type=int, nargs="+", default=[1024, 4096, 16384, 32768])
+    p.add_argument("--sweep", action="store_true", help="try launch configurations at a few points first")
+    args = p.parse_args()
+    best = None
+    if args.sweep:
+        for b, c in [(1, 8192), (16, 4096), (128, 1024)]:
+            results = []
+            for bh in (16, 32, 64, 128):
+                for bn in (16, 32, 64):
+                    for warps in (4, 8):
+                        for stages in (1, 2):
+                            cfg = dict(block_h=bh, block_n=bn, num_warps=warps, num_stages=stages)
+                            try:
+                                results.append((bench(b, c, config=cfg)[1], cfg))
+                            except Exception as e:  # out of shared memory / registers
+                                results.append((0.0, dict(cfg, error=type(e).__name__)))
+            results.sort(key=lambda r: -r[0])
+            print(f"sweep batch {b} context {c}: best " + "; ".join(f"{t:.2f} TB/s {cfg}" for t, cfg in results[:3]))
+            best = results[0][1] if b == 16 else best
+    peak = copy_bandwidth()
+    print(f"device: {torch.cuda.get_device_name()}, copy bandwidth {peak:.2f} TB/s (read + write)")
+    print("| batch | context | time in a CUDA graph (us) | TB/s | % of copy | eager call (us) |")
+    print("|---|---|---|---|---|---|")
+    for b in args.batch:
+        for c in args.context:
+            us, tbs = bench(b, c, config=best)
+            eager_us, _ = bench(b, c, config=best, graph=False)
+            print(f"| {b} | {c} | {us:.1f} | {tbs:.2f} | {100 * tbs / peak:.0f}% | {eager_us:.1f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
