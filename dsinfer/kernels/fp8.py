@@ -1,14 +1,19 @@
-"""FP8 block-scaled weights: the pure-PyTorch twins that CPU runs and the Triton kernels are tested against.
+"""FP8 block-scaled weights and activations: the pure-PyTorch twins that CPU runs and the Triton kernels are
+tested against.
 
 Format (DeepSeek V3/R1/V3.1): `w` is float8_e4m3fn of shape (N, K); `s` is float32 of shape
 (ceil(N/bn), ceil(K/bk)) and W[i, j] = w[i, j] * s[i // bn, j // bk]. Edge blocks may be partial.
+Activations are quantized per token in groups of 128 along the last dim: X[m, j] = q[m, j] * s[m, j // 128].
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 FP8_MAX = 448.0
+AMAX_MIN = 1e-4          # amax clamp: an all-zero group gets a finite scale (spec §5.1)
+SCALE_FMTS = (None, "ue8m0")
 
 
 def check_block_scale(w: torch.Tensor, s: torch.Tensor, block_size: tuple[int, int]) -> None:
@@ -49,3 +54,43 @@ def weight_quant_torch(w: torch.Tensor, block_size: tuple[int, int] = (128, 128)
         s = torch.exp2(torch.ceil(torch.log2(s)))
     q = (blocks / s[:, None, :, None]).clamp(-FP8_MAX, FP8_MAX).view(pn, pk)[:n, :k]
     return q.to(torch.float8_e4m3fn).contiguous(), s.contiguous()
+
+
+def pow2_ceil(s: torch.Tensor) -> torch.Tensor:
+    """The smallest power of two >= s, exactly (positive float32 s): the ue8m0 scale format."""
+    mantissa, exponent = torch.frexp(s)                              # s = mantissa * 2^exponent, mantissa in [0.5, 1)
+    return torch.where(mantissa == 0.5, s, torch.ldexp(torch.ones_like(s), exponent))
+
+
+def act_quant_torch(x: torch.Tensor, block_size: int = 128,
+                    scale_fmt: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """x: (..., K) float -> q: (..., K) float8_e4m3fn, s: (..., ceil(K/block_size)) float32; last group may be partial.
+
+    s = max(amax, 1e-4) / 448 per group (rounded up to a power of two with ue8m0); q = clamp(x / s, -448, 448)."""
+    if scale_fmt not in SCALE_FMTS:
+        raise ValueError(f"unknown scale_fmt {scale_fmt!r}; choose None or 'ue8m0'")
+    k = x.shape[-1]
+    groups = -(-k // block_size)
+    xf = F.pad(x.float(), (0, groups * block_size - k)).view(*x.shape[:-1], groups, block_size)   # (..., G, bs)
+    s = xf.abs().amax(dim=-1).clamp(min=AMAX_MIN) / FP8_MAX
+    if scale_fmt == "ue8m0":
+        s = pow2_ceil(s)
+    q = (xf / s[..., None]).clamp(-FP8_MAX, FP8_MAX).flatten(-2)[..., :k]
+    return q.to(torch.float8_e4m3fn).contiguous(), s.contiguous()
+
+
+def act_dequant_torch(q: torch.Tensor, s: torch.Tensor, block_size: int = 128) -> torch.Tensor:
+    """q: (..., K) float8_e4m3fn, s: (..., ceil(K/block_size)) float32 -> (..., K) float32."""
+    return q.float() * s.repeat_interleave(block_size, dim=-1)[..., :q.shape[-1]]
+
+
+def fp8_gemm_torch(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.Tensor) -> torch.Tensor:
+    """Twin of the Triton fp8_gemm: a (M, K) e4m3 with (M, ceil(K/128)) scales, b (N, K) e4m3 with 128x128 block
+    scales -> (M, N) bfloat16, dequantized and multiplied in float32."""
+    return (act_dequant_torch(a, a_s) @ weight_dequant_torch(b, b_s, dtype=torch.float32).T).to(torch.bfloat16)
+
+
+def fp8_weight_only_gemm_torch(x: torch.Tensor, w: torch.Tensor, w_s: torch.Tensor) -> torch.Tensor:
+    """Twin of the Triton weight-only GEMM: x (M, K) bfloat16, w (N, K) e4m3 with 128x128 block scales -> (M, N)
+    bfloat16, multiplied in float32."""
+    return (x.float() @ weight_dequant_torch(w, w_s, dtype=torch.float32).T).to(torch.bfloat16)

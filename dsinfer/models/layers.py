@@ -8,27 +8,73 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..kernels import weight_dequant_torch
+from ..kernels.triton_common import interpreting
 
 
-# How FP8 weights are multiplied: "auto" picks by device; "torch" dequantizes in PyTorch (the reference path).
-FP8_IMPLS = ("auto", "torch")
+# How FP8 weights are multiplied:
+#   "torch"       dequantize to x's dtype in PyTorch and call F.linear (the reference path; CPU default)
+#   "fp8_gemm"    quantize x per token (act_quant, the model's scale_fmt) and run the Triton FP8 GEMM (Ada/Hopper+)
+#   "weight_only" decode the e4m3 bytes inside a Triton bf16 GEMM (GPUs without FP8 tensor cores, e.g. A100)
+#   "auto"        torch on CPU; fp8_gemm on CUDA with compute capability >= 8.9; weight_only on older CUDA GPUs
+FP8_IMPLS = ("auto", "torch", "fp8_gemm", "weight_only")
+KERNEL_BLOCK = (128, 128)    # the only weight block size the Triton kernels take
+
+
+def resolve_fp8_impl(impl: str, device: torch.device, block_size: tuple[int, int] = KERNEL_BLOCK) -> str:
+    """The concrete path ("torch", "fp8_gemm" or "weight_only") that `impl` means for a weight on `device`."""
+    if impl not in FP8_IMPLS:
+        raise ValueError(f"unknown fp8_impl {impl!r}; choose one of {', '.join(FP8_IMPLS)}")
+    if impl == "auto":
+        if device.type != "cuda" or tuple(block_size) != KERNEL_BLOCK:
+            return "torch"
+        return "fp8_gemm" if torch.cuda.get_device_capability(device) >= (8, 9) else "weight_only"
+    if impl != "torch":
+        if device.type != "cuda" and not interpreting():
+            raise ValueError(f"fp8_impl {impl!r} runs Triton kernels and needs a CUDA device (got {device}); use "
+                             "'torch' or 'auto' on CPU")
+        if tuple(block_size) != KERNEL_BLOCK:
+            raise ValueError(f"fp8_impl {impl!r} supports 128x128 weight blocks only, got {tuple(block_size)}; "
+                             "use 'torch'")
+    return impl
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None,
-           block_size: tuple[int, int] = (128, 128), fp8_impl: str = "auto") -> torch.Tensor:
-    """y = x W^T for a weight in x's dtype, or an FP8 e4m3 weight with its block scale."""
+           block_size: tuple[int, int] = (128, 128), fp8_impl: str = "auto",
+           scale_fmt: str | None = None) -> torch.Tensor:
+    """y = x W^T for a weight in x's dtype, or an FP8 e4m3 weight with its block scale.
+
+    x: (..., K); weight: (N, K); scale: (ceil(N/128), ceil(K/128)) float32 or None -> (..., N) in x's dtype.
+    `scale_fmt` ("ue8m0" or None) is how fp8_gemm quantizes x."""
     if scale is None:
         return F.linear(x, weight)
-    return F.linear(x, weight_dequant_torch(weight, scale, block_size, x.dtype))
+    impl = resolve_fp8_impl(fp8_impl, x.device, block_size)
+    if impl == "torch":
+        return F.linear(x, weight_dequant_torch(weight, scale, block_size, x.dtype))
+    from .. import kernels   # the Triton kernels import triton on first use
+    x2 = x.reshape(-1, x.shape[-1])                                            # (M, K)
+    if impl == "fp8_gemm":
+        q, s = kernels.act_quant(x2.contiguous(), 128, scale_fmt)
+        y = kernels.fp8_gemm(q, s, weight, scale)
+    else:
+        y = kernels.fp8_weight_only_gemm(x2.to(torch.bfloat16).contiguous(), weight, scale)
+    return y.to(x.dtype).view(*x.shape[:-1], weight.shape[0])                 # (..., N)
 
 
-def set_fp8_impl(model: nn.Module, impl: str) -> None:
-    """Choose how every FP8 linear layer and expert stack of `model` computes (see FP8_IMPLS)."""
+def set_fp8_impl(model: nn.Module, impl: str, scale_fmt: str | None = None) -> None:
+    """Choose how every FP8 linear layer and expert stack of `model` computes (see FP8_IMPLS).
+
+    `scale_fmt` is the activation scale format for fp8_gemm; None takes the model's own
+    (`model.args.quant.scale_fmt` where the model has one)."""
     if impl not in FP8_IMPLS:
         raise ValueError(f"unknown fp8_impl {impl!r}; choose one of {', '.join(FP8_IMPLS)}")
+    if scale_fmt not in (None, "ue8m0"):
+        raise ValueError(f"unknown scale_fmt {scale_fmt!r}; choose None or 'ue8m0'")
+    if scale_fmt is None:
+        scale_fmt = getattr(getattr(getattr(model, "args", None), "quant", None), "scale_fmt", None)
     for m in model.modules():
         if hasattr(m, "fp8_impl"):
             m.fp8_impl = impl
+            m.act_scale_fmt = scale_fmt
 
 
 class Linear(nn.Module):
@@ -38,11 +84,12 @@ class Linear(nn.Module):
         super().__init__()
         self.in_features, self.out_features, self.block_size = in_features, out_features, block_size
         self.fp8_impl = "auto"
+        self.act_scale_fmt: str | None = None     # activation scale format for fp8_gemm (set by set_fp8_impl)
         self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
         self.register_parameter("scale", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.scale, self.block_size, self.fp8_impl)
+        return linear(x, self.weight, self.scale, self.block_size, self.fp8_impl, self.act_scale_fmt)
 
     def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
         """The weight in `dtype` (a view when it is not quantized)."""

@@ -66,7 +66,8 @@ class Experts(nn.Module):
 
     def _linear(self, x: torch.Tensor, name: str, e: int) -> torch.Tensor:
         scale = getattr(self, f"{name}_scale")
-        return linear(x, getattr(self, name)[e], None if scale is None else scale[e], self.block_size, self.fp8_impl)
+        return linear(x, getattr(self, name)[e], None if scale is None else scale[e], self.block_size, self.fp8_impl,
+                      getattr(self, "act_scale_fmt", None))
 
     def expert_forward(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """SwiGLU of expert e on x (n, D) -> (n, D)."""
