@@ -163,7 +163,11 @@ def mla_attention(q_latent: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Te
     out = torch.empty_like(q_latent)
     if T == 0 or num_seqs == 0:
         return out
-    cfg = {"block_h": 16, "block_n": 32 if R > 128 else 64, "num_warps": 4, "num_stages": 2, **(config or {})}
+    # Measured on an H100 for V3 shapes (benchmarks/bench_mla_decode.py --sweep): 64 heads a program and 64-key
+    # tiles read the latents fewest times; small test shapes take small tiles.
+    big = R >= 256
+    cfg = {"block_h": 64 if big else 16, "block_n": 64 if big else 32, "num_warps": 8 if big else 4, "num_stages": 2,
+           **(config or {})}
     block_h = min(cfg["block_h"], triton.next_power_of_2(H))
     block_t = max(1, min(16 // block_h, triton.next_power_of_2(max_query_len)))   # at least 16 rows a tile
     block_n = cfg["block_n"]
