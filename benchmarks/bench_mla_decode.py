@@ -50,11 +50,11 @@ def main():
     if args.sweep:
         for b, c in [(1, 8192), (16, 4096), (128, 1024)]:
             results = []
-            for bh in (16, 32, 64, 128):
-                for bn in (16, 32, 64):
-                    for warps in (4, 8):
-                        for stages in (1, 2):
-                            cfg = dict(block_h=bh, block_n=bn, num_warps=warps, num_stages=stages)
+            for bh in (32, 64):
+                for bv in (512, 256, 128):
+                    for bn in (32, 64):
+                        for warps in (4, 8):
+                            cfg = dict(block_h=bh, block_v=bv, block_n=bn, num_warps=warps, num_stages=2)
                             try:
                                 results.append((bench(b, c, config=cfg)[1], cfg))
                             except Exception as e:  # out of shared memory / registers

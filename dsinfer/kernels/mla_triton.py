@@ -40,10 +40,14 @@ def _mla_attention_kernel(
     stride_kvp, stride_kvs, stride_bt,
     stride_os, stride_ot, stride_oh, stride_ls, stride_lt,                   # strides
     PAGE_SIZE: tl.constexpr, R: tl.constexpr, P: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr,
-    BLOCK_H: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
     SPLIT: tl.constexpr, IEEE: tl.constexpr,                                 # constexprs
 ):
-    pid_h, pid_t, pid_bs = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    # axis 0: head block x value chunk (a program accumulates BLOCK_V of the R output dims; the scores need all
+    # of q and k, so chunks recompute them, but their accumulators are smaller and more programs fit an SM)
+    NUM_V: tl.constexpr = BLOCK_R // BLOCK_V
+    pid_hv, pid_t, pid_bs = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    pid_h, pid_v = pid_hv // NUM_V, pid_hv % NUM_V
     b = pid_bs // num_splits
     s = pid_bs % num_splits
     q_start = tl.load(CuSeqQ + b)
@@ -73,7 +77,9 @@ def _mla_attention_kernel(
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_R], tl.float32)
+    offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    v_ok = offs_v < R
+    acc = tl.zeros([BLOCK_M, BLOCK_V], tl.float32)
     for n0 in range(kv_lo, kv_hi, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_ok = offs_n < kv_hi
@@ -81,6 +87,10 @@ def _mla_attention_kernel(
         row = page.to(tl.int64) * stride_kvp + (offs_n % PAGE_SIZE) * stride_kvs
         c = tl.load(KV + row[:, None] + offs_r[None, :], mask=n_ok[:, None] & r_ok[None, :], other=0.0)   # (N, R)
         kp = tl.load(KV + row[:, None] + R + offs_p[None, :], mask=n_ok[:, None] & p_ok[None, :], other=0.0)
+        if NUM_V == 1:
+            cv = c
+        else:
+            cv = tl.load(KV + row[:, None] + offs_v[None, :], mask=n_ok[:, None] & v_ok[None, :], other=0.0)
         if IEEE:
             qk = tl.dot(ql, tl.trans(c), input_precision="ieee") + tl.dot(qp, tl.trans(kp), input_precision="ieee")
         else:
@@ -94,17 +104,17 @@ def _mla_attention_kernel(
         p = tl.exp2(qk - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         if IEEE:
-            acc = acc * alpha[:, None] + tl.dot(p.to(c.dtype), c, input_precision="ieee")
+            acc = acc * alpha[:, None] + tl.dot(p.to(cv.dtype), cv, input_precision="ieee")
         else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(c.dtype), c)
+            acc = acc * alpha[:, None] + tl.dot(p.to(cv.dtype), cv)
         m_i = m_new
 
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-    o_ptr = Out + s * stride_os + tok[:, None] * stride_ot + h[:, None] * stride_oh + offs_r[None, :]
-    tl.store(o_ptr, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & r_ok[None, :])
+    o_ptr = Out + s * stride_os + tok[:, None] * stride_ot + h[:, None] * stride_oh + offs_v[None, :]
+    tl.store(o_ptr, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & v_ok[None, :])
     if SPLIT:
         lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log2(tl.where(l_i == 0.0, 1.0, l_i)))
-        tl.store(Lse + s * stride_ls + tok * stride_lt + h, lse, mask=row_ok)
+        tl.store(Lse + s * stride_ls + tok * stride_lt + h, lse, mask=row_ok & (pid_v == 0))
 
 
 @_triton_jit
@@ -146,7 +156,7 @@ def mla_attention(q_latent: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Te
     contiguous, same dtype as q; block_tables: (B, max_pages) int32; cu_seqlens_q: (B + 1,) int32 offsets of each
     sequence's rows; seq_lens: (B,) int32 context lengths (cached + new). max_query_len / max_seq_len bound the
     grid (host ints, so the launch needs no device sync). `config` overrides the launch parameters
-    (block_h, block_n, num_warps, num_stages) for tuning.
+    (block_h, block_n, block_v, num_warps, num_stages) for tuning.
     """
     if triton is None:
         raise RuntimeError("triton is not installed; use the PyTorch attention twin")
@@ -166,12 +176,14 @@ def mla_attention(q_latent: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Te
     # Measured on an H100 for V3 shapes (benchmarks/bench_mla_decode.py --sweep): 64 heads a program and 64-key
     # tiles read the latents fewest times; small test shapes take small tiles.
     big = R >= 256
-    cfg = {"block_h": 64 if big else 16, "block_n": 64 if big else 32, "num_warps": 8 if big else 4, "num_stages": 2,
-           **(config or {})}
+    cfg = {"block_h": 64 if big else 16, "block_n": 64 if big else 32, "block_v": 512, "num_warps": 8 if big else 4,
+           "num_stages": 2, **(config or {})}
     block_h = min(cfg["block_h"], triton.next_power_of_2(H))
     block_t = max(1, min(16 // block_h, triton.next_power_of_2(max_query_len)))   # at least 16 rows a tile
     block_n = cfg["block_n"]
-    head_blocks = -(-H // block_h)
+    block_r = max(16, triton.next_power_of_2(R))
+    block_v = min(cfg["block_v"], block_r)
+    head_blocks = -(-H // block_h) * (block_r // block_v)       # programs per token tile: heads x value chunks
     splits = num_splits or _num_splits(num_seqs, head_blocks, max_query_len, max_seq_len)
     split_len = -(-max(max_seq_len, 1) // splits)
     split_len = -(-split_len // block_n) * block_n
@@ -187,8 +199,8 @@ def mla_attention(q_latent: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Te
         q_latent.stride(0), q_latent.stride(1), q_pe.stride(0), q_pe.stride(1),
         kv_cache.stride(0), kv_cache.stride(1), block_tables.stride(0),
         partial.stride(0), partial.stride(1), partial.stride(2), lse.stride(0), lse.stride(1),
-        PAGE_SIZE=kv_cache.shape[1], R=R, P=P, BLOCK_R=max(16, triton.next_power_of_2(R)),
-        BLOCK_P=max(16, triton.next_power_of_2(P)), BLOCK_H=block_h, BLOCK_T=block_t, BLOCK_N=block_n,
+        PAGE_SIZE=kv_cache.shape[1], R=R, P=P, BLOCK_R=block_r,
+        BLOCK_P=max(16, triton.next_power_of_2(P)), BLOCK_H=block_h, BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_V=block_v,
         SPLIT=splits > 1, IEEE=q_latent.dtype == torch.float32, num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"])
     if splits > 1:
