@@ -1,4 +1,4 @@
-"""The `dsinfer` command line: generate, chat, perplexity.
+"""The `dsinfer` command line: generate, chat, perplexity; checkpoint tools cast, convert, inspect.
 
 User errors (bad paths, bad flags, prompts that do not fit) print one line and exit with status 2.
 """
@@ -58,6 +58,34 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--context", type=int, default=512, help="window length in tokens (default: 512)")
     q.add_argument("--stride", type=int, help="window start step (default: context // 2)")
     q.set_defaults(func=cmd_perplexity)
+
+    k = sub.add_parser("cast", help="FP8 checkpoint -> BF16, or BF16 -> the published FP8 format",
+                       description="Dequantize an FP8 checkpoint to BF16 or quantize a BF16 one to FP8 (e4m3, "
+                                   "128x128 block scales, the weights DeepSeek ships in FP8), shard by shard.")
+    k.add_argument("--model", required=True, help="source checkpoint folder")
+    k.add_argument("--out", required=True, help="destination folder (must not exist or be empty, unless --force)")
+    k.add_argument("--to", required=True, choices=["bf16", "fp8"])
+    k.add_argument("--scale-fmt", choices=["ue8m0"], help="with --to fp8: power-of-two scales, as in V3.1")
+    k.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    k.set_defaults(func=cmd_cast)
+
+    v = sub.add_parser("convert", help="split a checkpoint into per-rank files for tensor parallelism",
+                       description="Write model{rank}-mp{N}.safetensors files (reference-style sharding, HF "
+                                   "tensor names) plus config, tokenizer and a dsinfer_tp.json manifest.")
+    v.add_argument("--model", required=True, help="source checkpoint folder")
+    v.add_argument("--out", required=True, help="destination folder (must not exist or be empty, unless --force)")
+    v.add_argument("--tp", required=True, type=int, help="tensor-parallel size N")
+    v.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    v.set_defaults(func=cmd_convert)
+
+    i = sub.add_parser("inspect", help="version, parameters, bytes, KV cache, and whether it fits on GPUs",
+                       description="Size up a checkpoint from its config.json and safetensors headers (or from "
+                                   "config.json alone); with --gpus and --gpu-mem, how it fits.")
+    i.add_argument("--model", required=True, help="checkpoint folder, or a config.json")
+    i.add_argument("--gpus", type=int, help="number of GPUs (tensor-parallel size)")
+    i.add_argument("--gpu-mem", type=float, help="memory per GPU in GiB")
+    i.add_argument("--context", type=int, help="tokens per sequence, for the largest batch that fits")
+    i.set_defaults(func=cmd_inspect)
     return parser
 
 
@@ -142,6 +170,26 @@ def cmd_perplexity(args) -> int:
     ppl, count = perplexity(llm.engine, ids, args.context, args.stride or args.context // 2)
     print(f"tokens evaluated: {count}")
     print(f"perplexity: {ppl:.4f}")
+    return 0
+
+
+def cmd_cast(args) -> int:
+    from .checkpoint import cast_checkpoint
+    out = cast_checkpoint(args.model, args.out, args.to, args.scale_fmt, args.force, progress=sys.stderr.isatty())
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_convert(args) -> int:
+    from .checkpoint import convert_checkpoint
+    out = convert_checkpoint(args.model, args.out, args.tp, args.force, progress=sys.stderr.isatty())
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from .checkpoint import format_sizing, inspect_checkpoint
+    print(format_sizing(inspect_checkpoint(args.model, args.gpus, args.gpu_mem, args.context)))
     return 0
 
 

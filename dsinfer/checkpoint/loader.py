@@ -3,12 +3,15 @@
 Two passes: the safetensors headers are read and checked against the model first (unknown, missing and
 mis-shaped tensors are reported before any data is read), then each tensor is read once and placed into its
 parameter, so at most one tensor exists twice in memory at any time. FP8 weights stay FP8.
+
+A folder written by `dsinfer convert` (per-rank files and a `dsinfer_tp.json` manifest) loads too: each split
+tensor is read from every rank file and concatenated along its split dim, so one process gets the whole model.
 """
 
 from __future__ import annotations
 
 import json
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +28,8 @@ from .names import Target, hf_to_native, native_to_hf
 
 _DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F8_E4M3": torch.float8_e4m3fn,
            "F64": torch.float64, "I64": torch.int64, "I32": torch.int32, "I8": torch.int8, "U8": torch.uint8}
-_ITEMSIZE = {"F8_E4M3": 1, "I8": 1, "U8": 1, "F16": 2, "BF16": 2, "F32": 4, "I32": 4, "F64": 8, "I64": 8}
+TP_MANIFEST = "dsinfer_tp.json"        # written by `dsinfer convert`: how the rank files split each tensor
+ITEMSIZE = {"F8_E4M3": 1, "I8": 1, "U8": 1, "F16": 2, "BF16": 2, "F32": 4, "I32": 4, "F64": 8, "I64": 8}
 
 
 @dataclass
@@ -33,10 +37,12 @@ class TensorInfo:
     file: Path
     shape: tuple[int, ...]
     dtype: str            # safetensors dtype string ("BF16", "F8_E4M3", ...)
+    parts: tuple[Path, ...] = ()     # tensor-parallel folder: the rank files whose slices concatenate to it
+    split_dim: int | None = None     # ... along this dim
 
     @property
     def nbytes(self) -> int:
-        n = _ITEMSIZE.get(self.dtype, 4)
+        n = ITEMSIZE.get(self.dtype, 4)
         for d in self.shape:
             n *= d
         return n
@@ -75,6 +81,43 @@ def read_headers(files: list[Path]) -> dict[str, TensorInfo]:
                     infos[name] = TensorInfo(file, tuple(s.get_shape()), s.get_dtype())
         except SafetensorError as e:
             raise ValueError(f"cannot read {file}: it is truncated or not a safetensors file ({e})") from None
+    return infos
+
+
+def checkpoint_tensors(path: Path) -> dict[str, TensorInfo]:
+    """Name -> TensorInfo for every tensor of a checkpoint folder (HF safetensors or `dsinfer convert` output)."""
+    if (path / TP_MANIFEST).is_file():
+        return _tp_tensors(path)
+    return read_headers(checkpoint_files(path))
+
+
+def _tp_tensors(path: Path) -> dict[str, TensorInfo]:
+    """The whole tensors of a `dsinfer convert` folder: split ones point at every rank file, others at one."""
+    manifest = path / TP_MANIFEST
+    try:
+        m = json.loads(manifest.read_text())
+        files = [path / f for f in m["rank_files"]]
+        entries = m["tensors"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"{manifest} is not a valid dsinfer tensor-parallel manifest ({e})") from None
+    missing = [f.name for f in files if not f.is_file()]
+    if missing:
+        raise ValueError(f"rank file(s) listed in {TP_MANIFEST} are missing: {', '.join(missing[:5])}")
+    ranks = [read_headers([f]) for f in files]
+    infos = {}
+    for name, e in entries.items():
+        dim, rank = e.get("split_dim"), e.get("rank", 0)
+        held = [r for r in (range(len(files)) if dim is not None else [rank]) if name not in ranks[r]]
+        if held:
+            raise ValueError(f"{files[held[0]].name} lacks {name}, which {TP_MANIFEST} lists")
+        first = ranks[0 if dim is not None else rank][name]
+        shape = list(first.shape)
+        if dim is not None:
+            shape[dim] = sum(ranks[r][name].shape[dim] for r in range(len(files)))
+        if shape != list(e["shape"]):
+            raise ValueError(f"the rank slices of {name} make shape {shape}, but {TP_MANIFEST} says {e['shape']}")
+        parts = tuple(files) if dim is not None else ()
+        infos[name] = TensorInfo(first.file, tuple(shape), first.dtype, parts, dim)
     return infos
 
 
@@ -147,7 +190,7 @@ def plan_load(model: nn.Module, infos: dict[str, TensorInfo], n_layers: int,
 def load_weights(model: nn.Module, path: Path, n_layers: int, device: torch.device,
                  block: tuple[int, int] = (128, 128), progress: bool = True) -> None:
     """Fill a meta-device `model` from the checkpoint at `path`, in place."""
-    infos = read_headers(checkpoint_files(path))
+    infos = checkpoint_tensors(path)
     plan = plan_load(model, infos, n_layers, block)
     params = dict(model.named_parameters())
     total = sum(infos[h].nbytes for h in plan)
@@ -156,14 +199,24 @@ def load_weights(model: nn.Module, path: Path, n_layers: int, device: torch.devi
     by_file: dict[Path, list[str]] = {}
     for hf_name in plan:
         by_file.setdefault(infos[hf_name].file, []).append(hf_name)
-    for file, names in by_file.items():
-        try:
-            with safe_open(file, framework="pt", device=open_device) as f:
-                for hf_name in names:
-                    _place(model, params, plan[hf_name], f.get_tensor(hf_name), device)
-                    bar.update(infos[hf_name].nbytes)
-        except SafetensorError as e:
-            raise ValueError(f"cannot read {file}: {e}") from None
+    for file, names in by_file.items():                 # one shard open at a time (plus its rank siblings)
+        with ExitStack() as stack:
+            handles: dict[Path, object] = {}
+
+            def read(f: Path, name: str) -> torch.Tensor:
+                try:
+                    if f not in handles:
+                        handles[f] = stack.enter_context(safe_open(f, framework="pt", device=open_device))
+                    return handles[f].get_tensor(name)
+                except SafetensorError as e:
+                    raise ValueError(f"cannot read {f}: {e}") from None
+
+            for hf_name in names:
+                info = infos[hf_name]
+                tensor = (torch.cat([read(p, hf_name) for p in info.parts], dim=info.split_dim) if info.parts
+                          else read(file, hf_name))
+                _place(model, params, plan[hf_name], tensor, device)
+                bar.update(info.nbytes)
     bar.close()
 
 
