@@ -6,6 +6,17 @@ from dataclasses import dataclass
 
 import torch
 
+MAX_LOGPROBS = 20
+
+
+@dataclass(frozen=True)
+class TokenLogprobs:
+    """Log-probabilities of one sampled position, from the model's distribution (before temperature/top-k/top-p)."""
+
+    token_id: int
+    logprob: float                       # of the sampled token
+    top: list[tuple[int, float]]         # the most likely (token id, logprob), best first; SamplingParams.logprobs long
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -16,6 +27,7 @@ class SamplingParams:
     stop: tuple[str, ...] = ()      # stop strings; the text ends before the first one
     seed: int | None = None         # per-request seed: same seed, same prompt -> same tokens, whatever the batch
     ignore_eos: bool = False        # keep going past the end-of-sequence token
+    logprobs: int | None = None     # return the sampled token's logprob and this many top ones (0..20); None = off
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -36,6 +48,8 @@ class SamplingParams:
             raise ValueError("stop strings must be non-empty strings")
         if self.seed is not None and not 0 <= self.seed < 2**63:
             raise ValueError(f"seed must be in [0, 2^63), got {self.seed}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise ValueError(f"logprobs must be None (off) or in [0, {MAX_LOGPROBS}], got {self.logprobs}")
 
     @property
     def greedy(self) -> bool:
@@ -81,3 +95,18 @@ class Sampler:
         sorted_probs = sorted_probs.masked_fill(before >= p[:, None], 0.0)
         probs = torch.zeros_like(sorted_probs).scatter_(1, order, sorted_probs)
         return probs / probs.sum(dim=-1, keepdim=True)
+
+
+def compute_logprobs(logits: torch.Tensor, token_ids: list[int], num_top: list[int],
+                     vocab_limit: int | None = None) -> list[TokenLogprobs]:
+    """logits: (B, V) float32 raw (not temperature-scaled); token_ids: the B sampled ids; num_top[i]: top entries
+    wanted for row i. Log-softmax over ids < vocab_limit, one host sync for the whole batch."""
+    if vocab_limit is not None and vocab_limit < logits.shape[-1]:
+        logits = logits[:, :vocab_limit]
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    chosen = logp.gather(1, torch.tensor(token_ids, device=logp.device)[:, None])[:, 0]
+    k = max(num_top, default=0)
+    top_lp, top_ids = logp.topk(k, dim=-1) if k else (logp[:, :0], logp[:, :0].long())
+    chosen, top_lp, top_ids = chosen.tolist(), top_lp.tolist(), top_ids.tolist()
+    return [TokenLogprobs(t, c, list(zip(ids[:n], lps[:n])))
+            for t, c, ids, lps, n in zip(token_ids, chosen, top_ids, top_lp, num_top)]

@@ -10,9 +10,10 @@ import torch
 
 from ..checkpoint import load_model, read_config
 from ..config import EngineConfig
+from ..models import ModelArgs
 from ..models.layers import set_fp8_impl
 from ..models.mla import set_attn_backend
-from ..sampling import Sampler, SamplingParams
+from ..sampling import Sampler, SamplingParams, TokenLogprobs, compute_logprobs
 from ..tokenizer import IncrementalDetokenizer, Tokenizer
 from ..kernels.mla_triton import triton_available
 from .block_manager import BlockManager
@@ -31,15 +32,32 @@ class StepOutput:
     new_text: str                  # text that became final in this step (held back while it may start a stop string)
     finished: bool
     finish_reason: str | None
+    logprobs: TokenLogprobs | None = None   # when the request's SamplingParams.logprobs is set
 
 
 class Engine:
     def __init__(self, model_path: str | Path, config: EngineConfig | None = None):
-        self.config = config = config or EngineConfig()
-        self.device, self.dtype = config.torch_device, config.torch_dtype
+        config = config or EngineConfig()
         path, model_config = read_config(model_path)
-        self.tokenizer = Tokenizer.from_dir(path, model_config)
-        self.model, self.args = load_model(path, self.dtype, self.device, config.attn_impl, config.progress)
+        tokenizer = Tokenizer.from_dir(path, model_config)
+        model, args = load_model(path, config.torch_dtype, config.torch_device, config.attn_impl, config.progress)
+        self._setup(model, args, tokenizer, config)
+
+    @classmethod
+    def from_model(cls, model: torch.nn.Module, args: ModelArgs, config: EngineConfig,
+                   tokenizer: Tokenizer | None = None) -> "Engine":
+        """An engine over a model built elsewhere (e.g. random weights for `dsinfer bench`). Without a
+        tokenizer, prompts must be token ids and outputs carry no text."""
+        engine = cls.__new__(cls)
+        engine._setup(model, args, tokenizer, config)
+        return engine
+
+    def _setup(self, model: torch.nn.Module, args: ModelArgs, tokenizer: Tokenizer | None,
+               config: EngineConfig) -> None:
+        self.config, self.model, self.args, self.tokenizer = config, model, args, tokenizer
+        self.device, self.dtype = config.torch_device, config.torch_dtype
+        self.vocab_limit = tokenizer.vocab_size if tokenizer else None
+        self.eos_ids = tokenizer.eos_ids if tokenizer else set()
         set_fp8_impl(self.model, config.fp8_impl)
         backend = config.attn_backend
         if backend == "auto":
@@ -75,12 +93,14 @@ class Engine:
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None) -> int:
         """Queue a prompt (text, or token ids); returns its request id."""
         params = params or SamplingParams()
+        if isinstance(prompt, str) and self.tokenizer is None:
+            raise ValueError("this engine has no tokenizer; pass prompts as token ids")
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         self._check_prompt(ids)
         seq = Sequence(next(self._ids), ids, len(ids), params, self.max_model_len)
         if params.seed is not None:
             seq.generator = torch.Generator(self.device).manual_seed(params.seed)
-        seq.detokenizer = IncrementalDetokenizer(self.tokenizer)
+        seq.detokenizer = IncrementalDetokenizer(self.tokenizer) if self.tokenizer else None
         self.scheduler.add(seq)
         self.sequences[seq.seq_id] = seq
         return seq.seq_id
@@ -122,21 +142,29 @@ class Engine:
         ready_seqs = [seqs[i] for i in ready]
         tokens = self.sampler(logits[ready], [s.params for s in ready_seqs],
                               [s.generator or self.default_generator for s in ready_seqs],
-                              vocab_limit=self.tokenizer.vocab_size).tolist()
-        return [self._append(seq, token) for seq, token in zip(ready_seqs, tokens)]
+                              vocab_limit=self.vocab_limit).tolist()
+        outputs = [self._append(seq, token) for seq, token in zip(ready_seqs, tokens)]
+        want = [i for i, s in enumerate(ready_seqs) if s.params.logprobs is not None]
+        if want:
+            rows = logits[[ready[i] for i in want]]
+            found = compute_logprobs(rows, [tokens[i] for i in want], [ready_seqs[i].params.logprobs for i in want],
+                                     vocab_limit=self.vocab_limit)
+            for i, lp in zip(want, found):
+                outputs[i].logprobs = lp
+        return outputs
 
     def _append(self, seq: Sequence, token: int) -> StepOutput:
         seq.token_ids.append(token)
         reason = None
-        if token in self.tokenizer.eos_ids and not seq.params.ignore_eos:
+        if token in self.eos_ids and not seq.params.ignore_eos:
             reason = "stop"
-        else:
+        elif seq.detokenizer is not None:
             seq.text += seq.detokenizer.step(token)
             if seq.params.stop and self._cut_at_stop(seq):
                 reason = "stop"
         if reason is None and (seq.num_generated >= seq.params.max_tokens or seq.num_tokens >= seq.max_len):
             reason = "length"
-            seq.text += seq.detokenizer.flush()
+            seq.text += seq.detokenizer.flush() if seq.detokenizer is not None else ""
         if reason is not None:
             self.scheduler.finish(seq, reason)
         hold = 0 if reason else max((len(s) for s in seq.params.stop), default=1) - 1

@@ -1,0 +1,235 @@
+"""`dsinfer bench`: decode and prefill speed of a random-weight model with the exact shapes of a named config,
+built on the device without a checkpoint, measured through the engine, against the memory-bandwidth limit.
+
+Weight bytes read per decode step are counted as spec/anchors.md counts them: every non-expert weight once
+(attention, dense layers, shared experts, router, LM head, the embedding rows used), plus the routed experts the
+batch touches: with uniform routing, a layer with E experts and top-k touches E * (1 - (1 - k/E)^batch) of them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .config import EngineConfig
+from .models import ModelArgs, model_class
+from .models.moe import Experts
+
+# Published shapes (spec section 1.3), as config.json dicts.
+_V3 = dict(model_type="deepseek_v3", vocab_size=129280, hidden_size=7168, intermediate_size=18432,
+           moe_intermediate_size=2048, num_hidden_layers=61, num_attention_heads=128, n_routed_experts=256,
+           n_shared_experts=1, num_experts_per_tok=8, n_group=8, topk_group=4, scoring_func="sigmoid",
+           topk_method="noaux_tc", norm_topk_prob=True, routed_scaling_factor=2.5, first_k_dense_replace=3,
+           q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
+           max_position_embeddings=163840, rope_theta=10000,
+           rope_scaling=dict(type="yarn", factor=40, original_max_position_embeddings=4096, beta_fast=32,
+                             beta_slow=1, mscale=1.0, mscale_all_dim=1.0),
+           quantization_config=dict(activation_scheme="dynamic", fmt="e4m3", quant_method="fp8",
+                                    weight_block_size=[128, 128]))
+_V2_LITE = dict(model_type="deepseek_v2", vocab_size=102400, hidden_size=2048, intermediate_size=10944,
+                moe_intermediate_size=1408, num_hidden_layers=27, num_attention_heads=16, n_routed_experts=64,
+                n_shared_experts=2, num_experts_per_tok=6, n_group=1, topk_group=1, scoring_func="softmax",
+                topk_method="greedy", norm_topk_prob=False, routed_scaling_factor=1.0, first_k_dense_replace=1,
+                q_lora_rank=None, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
+                max_position_embeddings=163840, rope_theta=10000,
+                rope_scaling=dict(type="yarn", factor=40, original_max_position_embeddings=4096, beta_fast=32,
+                                  beta_slow=1, mscale=0.707, mscale_all_dim=0.707))
+NAMED_CONFIGS = {"v3": _V3, "v2-lite": _V2_LITE}
+
+
+def bench_config(name_or_path: str, layers: int | None = None) -> dict:
+    """A named config (v3, v2-lite) or a config.json path, optionally cut to `layers` layers."""
+    if name_or_path in NAMED_CONFIGS:
+        cfg = dict(NAMED_CONFIGS[name_or_path])
+    else:
+        path = Path(name_or_path)
+        if path.is_dir():
+            path = path / "config.json"
+        if not path.is_file():
+            raise ValueError(f"--config must be one of {', '.join(NAMED_CONFIGS)} or a config.json path, "
+                             f"got {name_or_path!r}")
+        cfg = json.loads(path.read_text())
+    if layers is not None:
+        if not 1 <= layers <= cfg["num_hidden_layers"]:
+            raise ValueError(f"--layers must be in [1, {cfg['num_hidden_layers']}], got {layers}")
+        cfg["num_hidden_layers"] = layers
+        cfg["first_k_dense_replace"] = min(cfg.get("first_k_dense_replace", 0), max(layers - 1, 0) or layers)
+    return cfg
+
+
+@torch.no_grad()
+def random_model(args: ModelArgs, dtype: torch.dtype, device: torch.device, seed: int = 0) -> nn.Module:
+    """The model for `args` with random weights made on `device` (FP8 + block scales where the config says so)."""
+    g = torch.Generator(device).manual_seed(seed)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device("meta"):
+            model = model_class(args)(args)
+    finally:
+        torch.set_default_dtype(old)
+    block = args.quant.block_size if args.quant else None
+    fp8_names = set()
+    if block:
+        for name, m in model.named_modules():
+            if type(m).__name__ == "Linear" and not name.endswith("head"):
+                fp8_names.add(f"{name}.weight")
+            elif isinstance(m, Experts):
+                fp8_names.update(f"{name}.{w}" for w in ("w1", "w2", "w3"))
+    for name, p in list(model.named_parameters()):
+        owner_name, _, attr = name.rpartition(".")
+        owner = model.get_submodule(owner_name)
+        if name in fp8_names:
+            w = (torch.randn(p.shape, device=device, generator=g) * 0.02 / 0.004).clamp(-448, 448)
+            scale_shape = (*p.shape[:-2], -(-p.shape[-2] // block[0]), -(-p.shape[-1] // block[1]))
+            setattr(owner, attr, nn.Parameter(w.to(torch.float8_e4m3fn), requires_grad=False))
+            scale_attr = "scale" if attr == "weight" else f"{attr}_scale"
+            setattr(owner, scale_attr, nn.Parameter(torch.full(scale_shape, 0.004, device=device),
+                                                    requires_grad=False))
+        elif p.dtype == torch.float32 and attr in ("weight", "bias") and "norm" in owner_name:
+            setattr(owner, attr, nn.Parameter(torch.ones(p.shape, device=device), requires_grad=False))
+        else:
+            std = 0.0 if attr == "bias" else 0.02
+            t = torch.randn(p.shape, device=device, generator=g, dtype=torch.float32) * std
+            setattr(owner, attr, nn.Parameter(t.to(p.dtype), requires_grad=False))
+    return model.eval()
+
+
+def weight_bytes_per_step(model: nn.Module, args: ModelArgs, batch: int) -> int:
+    """Bytes of weights a decode step of `batch` sequences reads (see the module docstring)."""
+    total = 0
+    for name, p in model.named_parameters():
+        owner = model.get_submodule(name.rpartition(".")[0])
+        if name == "embed.weight":
+            total += min(batch, p.shape[0]) * p.shape[1] * p.element_size()
+        elif isinstance(owner, Experts):
+            e, k = args.n_routed_experts, args.n_activated_experts
+            touched = e * (1 - (1 - k / e) ** batch)
+            total += int(p.numel() * p.element_size() * touched / e)
+        else:
+            total += p.numel() * p.element_size()
+    return total
+
+
+def copy_bandwidth(device: torch.device) -> float | None:
+    """Measured device-to-device copy bandwidth in bytes/s (read + write), or None on CPU."""
+    if device.type != "cuda":
+        return None
+    x = torch.empty(2**29, dtype=torch.uint8, device=device)
+    y = torch.empty_like(x)
+    for _ in range(3):
+        y.copy_(x)
+    torch.cuda.synchronize(device)
+    t = time.perf_counter()
+    for _ in range(20):
+        y.copy_(x)
+    torch.cuda.synchronize(device)
+    return 2 * x.numel() * 20 / (time.perf_counter() - t)
+
+
+@dataclass
+class BenchResult:
+    batch: int
+    decode_tokens_per_s: float
+    step_ms: float
+    weight_bytes: int
+    bandwidth_fraction: float | None
+
+
+def process_age() -> float:
+    """Seconds since this process started (Linux /proc), so start-up costs before Python code are counted."""
+    try:
+        start_ticks = int(open("/proc/self/stat").read().rsplit(")", 1)[1].split()[19])
+        uptime = float(open("/proc/uptime").read().split()[0])
+        return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return time.perf_counter()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_bench(cfg: dict, config: EngineConfig, batches: list[int], prompt_len: int, decode_steps: int,
+              prefill_len: int, out=print) -> list[BenchResult]:
+    """Build a random model for `cfg`, then measure time to first token, prefill and decode; prints a report."""
+    from .engine import Engine
+    from .sampling import SamplingParams
+
+    args = ModelArgs.from_hf_config(cfg)
+    device = config.torch_device
+    t0 = time.perf_counter()
+    model = random_model(args, config.torch_dtype, device)
+    _sync(device)
+    build_s = time.perf_counter() - t0
+    engine = Engine.from_model(model, args, config)
+    g = torch.Generator().manual_seed(0)
+
+    def prompt(n):
+        return torch.randint(0, args.vocab_size, (n,), generator=g).tolist()
+
+    greedy = SamplingParams(temperature=0, ignore_eos=True, max_tokens=1)
+    t0 = time.perf_counter()
+    engine.add_request(prompt(prompt_len), greedy)
+    while engine.has_unfinished():
+        engine.step()
+    ttft_warm = time.perf_counter() - t0                      # includes kernel compilation on first use
+    first_token_age = process_age()
+    t0 = time.perf_counter()
+    engine.add_request(prompt(prompt_len), greedy)
+    while engine.has_unfinished():
+        engine.step()
+    ttft = time.perf_counter() - t0
+
+    engine.add_request(prompt(prefill_len), greedy)           # warm the prefill shapes
+    while engine.has_unfinished():
+        engine.step()
+    t0 = time.perf_counter()
+    engine.add_request(prompt(prefill_len), greedy)
+    while engine.has_unfinished():
+        engine.step()
+    prefill_tps = prefill_len / (time.perf_counter() - t0)
+
+    peak = copy_bandwidth(device)
+    results = []
+    for b in batches:
+        params = SamplingParams(temperature=0, ignore_eos=True, max_tokens=decode_steps + 3)
+        ids = [engine.add_request(prompt(prompt_len), params) for _ in range(b)]
+        while any(engine.sequences[i].num_cached_tokens < engine.sequences[i].num_tokens - 1 for i in ids) \
+                or any(engine.sequences[i].num_generated < 2 for i in ids):
+            engine.step()                                     # prefill everything, then one warm decode
+        _sync(device)
+        t0 = time.perf_counter()
+        for _ in range(decode_steps):
+            engine.step()
+        _sync(device)
+        step_s = (time.perf_counter() - t0) / decode_steps
+        for i in ids:
+            engine.abort(i)
+            engine.pop(i)
+        nbytes = weight_bytes_per_step(model, args, b)
+        frac = nbytes / step_s / peak if peak else None
+        results.append(BenchResult(b, b / step_s, step_s * 1e3, nbytes, frac))
+
+    name = f"{cfg['model_type']}, {args.n_layers} layers, {args.n_routed_experts} experts top-{args.n_activated_experts}"
+    quant = "fp8 128x128" if args.quant else config.dtype
+    out(f"model: {name}, weights {quant}, random; device {device}; built in {build_s:.1f} s")
+    out(f"time to first token ({prompt_len}-token prompt): {ttft * 1e3:.1f} ms "
+        f"(first request, with kernel compilation: {ttft_warm * 1e3:.0f} ms); "
+        f"process start to first token: {first_token_age:.1f} s")
+    out(f"prefill: {prefill_tps:,.0f} tokens/s ({prefill_len}-token prompt)")
+    if peak:
+        out(f"copy bandwidth: {peak / 1e12:.2f} TB/s (read + write)")
+    out("| batch | decode tokens/s | step (ms) | weight bytes / step | of copy bandwidth |")
+    out("|---|---|---|---|---|")
+    for r in results:
+        frac = f"{100 * r.bandwidth_fraction:.0f}%" if r.bandwidth_fraction is not None else "n/a (CPU)"
+        out(f"| {r.batch} | {r.decode_tokens_per_s:,.1f} | {r.step_ms:.2f} | {r.weight_bytes / 1e9:.2f} GB | {frac} |")
+    return results
