@@ -14,7 +14,7 @@ from dsinfer.checkpoint import cast_checkpoint, convert_checkpoint
 from dsinfer.checkpoint.convert import check_tp
 from dsinfer.cli import main
 from dsinfer.models import ModelArgs
-from models.test_args import V3
+from dsinfer.models.published import V3
 
 # Every split dim a multiple of 2 x 128, so FP8 scale blocks split whole at tp=2 (but not at tp=4).
 fixtures.CONFIGS["v3-wide"] = ("deepseek_v3", dict(

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from dsinfer.checkpoint import convert_checkpoint, format_sizing, inspect_checkpoint
 from dsinfer.checkpoint.sizing import GiB, RESERVE_FRACTION
 from dsinfer.cli import main
-from models.test_args import V2_LITE, V3
+from dsinfer.models.published import V2_LITE, V3
 
 
 def hand_count(c: dict) -> dict:
