@@ -84,14 +84,21 @@ class MoE(nn.Module):
         self.shared_experts = MLP(args.dim, args.n_shared_experts * args.moe_inter_dim, block)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (T, D) -> (T, D). Routed outputs are weighted and summed in float32, then the shared MLP is added."""
-        weights, indices = self.gate(x)
+        """x: (T, D) -> (T, D). Routed outputs are weighted and summed in float32, then the shared MLP is added.
+        Token slots are sorted by expert once, so the host waits for the GPU once per layer (the expert counts),
+        not once per expert."""
+        weights, indices = self.gate(x)                                       # (T, k), (T, k)
+        flat = indices.flatten()
+        order = flat.argsort(stable=True)                                     # slots grouped by expert
+        token, weight = order // indices.shape[1], weights.flatten()[order]
+        counts = torch.bincount(flat, minlength=self.experts.n_experts).tolist()
         y = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
-        counts = torch.bincount(indices.flatten(), minlength=self.experts.n_experts).tolist()
+        start = 0
         for e, count in enumerate(counts):
             if count == 0:
                 continue
-            token, slot = torch.where(indices == e)
-            out = self.experts.expert_forward(e, x[token]).float() * weights[token, slot, None]
-            y.index_add_(0, token, out)
+            rows = token[start:start + count]
+            out = self.experts.expert_forward(e, x[rows]).float() * weight[start:start + count, None]
+            y.index_add_(0, rows, out)
+            start += count
         return (y + self.shared_experts(x).float()).to(x.dtype)
