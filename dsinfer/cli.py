@@ -101,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--fp8-impl", default="auto", choices=["auto", "torch", "fp8_gemm", "weight_only"])
     b.add_argument("--attn-backend", default="auto", choices=["auto", "torch", "triton"])
     b.set_defaults(func=cmd_bench)
+
+    from .server.cli import add_serve_parser     # FastAPI and uvicorn are imported only when serving
+    add_serve_parser(sub)
     return parser
 
 
