@@ -1,6 +1,3 @@
-"""OpenAI-compatible HTTP server: `dsinfer serve` (cli), the app factory, the engine step loop."""
+"""OpenAI-compatible HTTP server: `dsinfer serve` (cli.py), the app factory (app.py), the engine step loop.
 
-from .app import create_app
-from .config import ServerConfig
-
-__all__ = ["create_app", "ServerConfig"]
+Nothing here imports FastAPI at package import, so the rest of dsinfer works without the server extra."""

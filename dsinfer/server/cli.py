@@ -47,6 +47,10 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     e.add_argument("--attn-backend", default="auto", choices=["auto", "torch", "triton"])
     e.add_argument("--no-prefix-caching", action="store_true", help="do not reuse cached prompt prefixes")
     e.add_argument("--seed", type=int, default=0, help="seed for requests that give none (default: 0)")
+    e.add_argument("--random-weights", metavar="CONFIG",
+                   help="benchmarking: serve random weights with the shapes of CONFIG (v2-lite, v3, or a "
+                        "config.json) and the tokenizer of --model (default: the bundled one)")
+    e.add_argument("--layers", type=int, help="with --random-weights: keep only the first N layers")
 
 
 def cmd_serve(args) -> int:
@@ -73,7 +77,16 @@ def cmd_serve(args) -> int:
         attn_impl=args.attn_impl, attn_backend=args.attn_backend,
         enable_prefix_caching=not args.no_prefix_caching, seed=args.seed, progress=sys.stderr.isatty())
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
-    app = create_app(engine_config, server_config, model)
+    engine = engine_config
+    if args.random_weights:
+        from ..bench import bench_config, random_model
+        from ..engine import Engine
+        from ..models import ModelArgs
+        from ..tokenizer import Tokenizer
+        margs = ModelArgs.from_hf_config(bench_config(args.random_weights, args.layers))
+        weights = random_model(margs, engine_config.torch_dtype, engine_config.torch_device)
+        engine = Engine.from_model(weights, margs, engine_config, Tokenizer.from_dir(model))
+    app = create_app(engine, server_config, model)
     config = uvicorn.Config(app, host=server_config.host, port=server_config.port, log_level=args.log_level,
                             timeout_graceful_shutdown=server_config.graceful_shutdown_s)
     server = uvicorn.Server(config)
