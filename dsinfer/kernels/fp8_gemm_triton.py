@@ -11,9 +11,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-import triton.testing
 
-from .triton_common import check_device, check_tensor, interpreting, m_bucket
+from .triton_common import check_device, check_tensor, interpreting, m_bucket, quick_bench
 
 SCALE_BLOCK = 128
 
@@ -26,11 +25,6 @@ def _configs() -> list[triton.Config]:
              for bm, bn, w, st in ((128, 128, 8, 4), (128, 256, 8, 3), (128, 128, 4, 4), (64, 128, 4, 4),
                                    (64, 256, 8, 4), (128, 64, 4, 4))]
     return small + large
-
-
-def _quick_bench(fn, quantiles):
-    """Autotune timing: short runs (5 ms warm-up, 20 ms of repeats) keep first-call tuning to seconds."""
-    return triton.testing.do_bench(fn, warmup=5, rep=20, quantiles=quantiles)
 
 
 def _prune(configs, named_args, **kwargs):
@@ -88,7 +82,7 @@ def _fp8_gemm_kernel(a_ptr, a_s_ptr, b_ptr, b_s_ptr, c_ptr,
 
 _fp8_gemm_tuned = triton.autotune(_configs(), key=["N", "K", "M_BUCKET"],
                                   prune_configs_by=dict(early_config_prune=_prune),
-                                  cache_results=True, do_bench=_quick_bench)(_fp8_gemm_kernel)
+                                  cache_results=True, do_bench=quick_bench)(_fp8_gemm_kernel)
 # The interpreter cannot time configs: it runs this one.
 _INTERPRET_CONFIG = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=8)
 

@@ -10,9 +10,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-import triton.testing
 
-from .triton_common import check_device, check_tensor, interpreting, m_bucket
+from .triton_common import check_device, check_tensor, interpreting, m_bucket, quick_bench
 
 SCALE_BLOCK = 128
 
@@ -46,11 +45,6 @@ def _configs() -> list[triton.Config]:
     large = [triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=128, GROUP_M=8), num_warps=w, num_stages=st)
              for bm, bn, w, st in ((128, 128, 8, 3), (128, 256, 8, 3), (128, 128, 4, 3), (64, 128, 4, 4))]
     return small + large
-
-
-def _quick_bench(fn, quantiles):
-    """Autotune timing: short runs (5 ms warm-up, 20 ms of repeats) keep first-call tuning to seconds."""
-    return triton.testing.do_bench(fn, warmup=5, rep=20, quantiles=quantiles)
 
 
 def _prune(configs, named_args, **kwargs):
@@ -108,7 +102,7 @@ def _weight_only_kernel(x_ptr, w_ptr, w_s_ptr, c_ptr,
 
 _weight_only_tuned = triton.autotune(_configs(), key=["N", "K", "M_BUCKET"],
                                      prune_configs_by=dict(early_config_prune=_prune),
-                                     cache_results=True, do_bench=_quick_bench)(_weight_only_kernel)
+                                     cache_results=True, do_bench=quick_bench)(_weight_only_kernel)
 _INTERPRET_CONFIG = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=8)
 
 

@@ -43,3 +43,9 @@ def check_device(**tensors: torch.Tensor) -> None:
     if device.type != "cuda" and not interpreting():
         raise ValueError(f"Triton kernels need CUDA tensors, got {device} (set TRITON_INTERPRET=1 to run them on "
                          "CPU for testing)")
+
+
+def quick_bench(fn, quantiles):
+    """Autotune timing: short runs (5 ms warm-up, 20 ms of repeats) keep first-call tuning to seconds."""
+    import triton.testing
+    return triton.testing.do_bench(fn, warmup=5, rep=20, quantiles=quantiles)
