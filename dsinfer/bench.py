@@ -200,7 +200,8 @@ def run_bench(cfg: dict, config: EngineConfig, batches: list[int], prompt_len: i
         frac = nbytes / step_s / peak if peak else None
         results.append(BenchResult(b, b / step_s, step_s * 1e3, nbytes, frac))
 
-    name = f"{cfg['model_type']}, {args.n_layers} layers, {args.n_routed_experts} experts top-{args.n_activated_experts}"
+    name = (f"{cfg['model_type']}, {args.n_layers} layers, {args.n_routed_experts} experts "
+            f"top-{args.n_activated_experts}")
     quant = "fp8 128x128" if args.quant else config.dtype
     out(f"model: {name}, weights {quant}, random; device {device}; built in {build_s:.1f} s")
     out(f"time to first token ({prompt_len}-token prompt): {ttft * 1e3:.1f} ms "

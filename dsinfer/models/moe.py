@@ -23,7 +23,8 @@ class Gate(nn.Module):
 
     def __init__(self, args: ModelArgs):
         super().__init__()
-        self.topk, self.n_groups, self.topk_groups = args.n_activated_experts, args.n_expert_groups, args.n_limited_groups
+        self.topk = args.n_activated_experts
+        self.n_groups, self.topk_groups = args.n_expert_groups, args.n_limited_groups
         self.score_func, self.norm_topk_prob, self.route_scale = args.score_func, args.norm_topk_prob, args.route_scale
         self.weight = nn.Parameter(torch.empty(args.n_routed_experts, args.dim), requires_grad=False)
         if args.has_gate_bias:

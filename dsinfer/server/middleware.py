@@ -43,7 +43,8 @@ class AccessMiddleware:
         for name, value in scope.get("headers", []):
             if name == b"authorization":
                 scheme, _, token = value.decode("latin-1").partition(" ")
-                return scheme.lower() == "bearer" and secrets.compare_digest(token.strip().encode(), self.api_key.encode())
+                return scheme.lower() == "bearer" and secrets.compare_digest(token.strip().encode(),
+                                                                             self.api_key.encode())
         return False
 
 
