@@ -10,12 +10,12 @@ import torch
 
 from ..checkpoint import load_model, read_config
 from ..config import EngineConfig
+from ..kernels.mla_triton import triton_available
 from ..models import ModelArgs
 from ..models.layers import set_fp8_impl
 from ..models.mla import set_attn_backend
 from ..sampling import Sampler, SamplingParams, TokenLogprobs, compute_logprobs
 from ..tokenizer import IncrementalDetokenizer, Tokenizer
-from ..kernels.mla_triton import triton_available
 from .block_manager import BlockManager
 from .kv_cache import KVCache, cache_bytes_per_page
 from .runner import ModelRunner
