@@ -1,6 +1,12 @@
-"""ModelRunner: turns scheduled sequences into one flat batch, runs the model, returns logits."""
+"""ModelRunner: turns scheduled sequences into one flat batch, runs the model, returns logits.
+
+A step is built on the host as a `StepBatch` (plain lists: what rank 0 sends to the other ranks under tensor
+parallelism) and executed on the device by `execute`.
+"""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -9,13 +15,30 @@ from .kv_cache import KVCache
 from .sequence import Sequence
 
 
+@dataclass
+class StepBatch:
+    """One forward pass, host side: T new tokens from B sequences, each sequence's tokens contiguous."""
+
+    input_ids: list[int]            # T
+    positions: list[int]            # T
+    slot_mapping: list[int]         # T: cache row (page * page_size + offset) each new token writes
+    block_tables: list[list[int]]   # B rows, padded with page 0 to one width
+    query_start_loc: list[int]      # B + 1
+    context_lens: list[int]         # B
+    all_logits: bool = False        # logits for every new token, not just each sequence's last
+
+    @property
+    def is_decode(self) -> bool:
+        return len(self.input_ids) == len(self.context_lens)
+
+
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, cache: KVCache, device: torch.device):
         self.model, self.cache, self.device = model, cache, device
         self.page_size = cache.page_size
 
-    def prepare(self, seqs: list[Sequence], num_new: list[int]) -> tuple[torch.Tensor, AttentionMetadata]:
-        """The next num_new[i] uncached tokens of each sequence, as input ids and attention metadata."""
+    def build(self, seqs: list[Sequence], num_new: list[int], all_logits: bool = False) -> StepBatch:
+        """The next num_new[i] uncached tokens of each sequence."""
         page_size = self.page_size
         ids, positions, slots, starts, context_lens = [], [], [], [0], []
         for seq, n in zip(seqs, num_new):
@@ -27,22 +50,30 @@ class ModelRunner:
             context_lens.append(end)
         width = max(len(s.block_table) for s in seqs)
         tables = [s.block_table + [0] * (width - len(s.block_table)) for s in seqs]
+        return StepBatch(ids, positions, slots, tables, starts, context_lens, all_logits)
+
+    def metadata(self, batch: StepBatch) -> tuple[torch.Tensor, AttentionMetadata]:
+        """Input ids and attention metadata on the device."""
         to = dict(device=self.device)
         attn = AttentionMetadata(
-            positions=torch.tensor(positions, dtype=torch.int64, **to),
-            slot_mapping=torch.tensor(slots, dtype=torch.int64, **to),
-            block_tables=torch.tensor(tables, dtype=torch.int32, **to),
-            query_start_loc=starts, context_lens=context_lens,
-            cu_seqlens_q=torch.tensor(starts, dtype=torch.int32, **to),
-            seq_lens=torch.tensor(context_lens, dtype=torch.int32, **to),
-            max_query_len=max(num_new), max_seq_len=max(context_lens))
-        return torch.tensor(ids, dtype=torch.int64, **to), attn
+            positions=torch.tensor(batch.positions, dtype=torch.int64, **to),
+            slot_mapping=torch.tensor(batch.slot_mapping, dtype=torch.int64, **to),
+            block_tables=torch.tensor(batch.block_tables, dtype=torch.int32, **to),
+            query_start_loc=batch.query_start_loc, context_lens=batch.context_lens,
+            cu_seqlens_q=torch.tensor(batch.query_start_loc, dtype=torch.int32, **to),
+            seq_lens=torch.tensor(batch.context_lens, dtype=torch.int32, **to),
+            max_query_len=max(b - a for a, b in zip(batch.query_start_loc, batch.query_start_loc[1:])),
+            max_seq_len=max(batch.context_lens))
+        return torch.tensor(batch.input_ids, dtype=torch.int64, **to), attn
 
     @torch.inference_mode()
-    def run(self, seqs: list[Sequence], num_new: list[int], all_logits: bool = False) -> torch.Tensor:
+    def execute(self, batch: StepBatch) -> torch.Tensor:
         """Logits (float32) of each sequence's last new token, (B, V); or of every new token, (T, V)."""
-        input_ids, attn = self.prepare(seqs, num_new)
+        input_ids, attn = self.metadata(batch)
         hidden = self.model(input_ids, self.cache.layers, attn)
-        if not all_logits:
-            hidden = hidden[torch.tensor(attn.query_start_loc[1:], device=self.device) - 1]
+        if not batch.all_logits and not batch.is_decode:
+            hidden = hidden[torch.tensor(batch.query_start_loc[1:], device=self.device) - 1]
         return self.model.compute_logits(hidden)
+
+    def run(self, seqs: list[Sequence], num_new: list[int], all_logits: bool = False) -> torch.Tensor:
+        return self.execute(self.build(seqs, num_new, all_logits))
