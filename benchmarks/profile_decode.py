@@ -1,0 +1,54 @@
+"""Where a decode step's GPU time goes: a random-weight model of a named shape, a few eager decode steps under
+the PyTorch profiler, and the kernels ranked by total time (with launches per step).
+
+    python benchmarks/profile_decode.py --config v2-lite --batch 1
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from dsinfer.bench import bench_config, random_model
+from dsinfer.config import EngineConfig
+from dsinfer.engine import Engine
+from dsinfer.models import ModelArgs
+from dsinfer.sampling import SamplingParams
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", default="v2-lite")
+    p.add_argument("--layers", type=int)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--top", type=int, default=25)
+    a = p.parse_args()
+    cfg = bench_config(a.config, a.layers)
+    args = ModelArgs.from_hf_config(cfg)
+    config = EngineConfig(max_model_len=512, max_num_seqs=a.batch, enable_prefix_caching=False, enforce_eager=True,
+                          progress=False)
+    engine = Engine.from_model(random_model(args, config.torch_dtype, config.torch_device), args, config)
+    params = SamplingParams(temperature=0, ignore_eos=True, max_tokens=a.steps + 8)
+    for _ in range(a.batch):
+        engine.add_request(list(range(1, 65)), params)
+    for _ in range(4):
+        engine.step()                                     # prefill and warm decode steps
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(a.steps):
+            engine.step()
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    total = sum(e.device_time_total for e in events)
+    launches = sum(e.count for e in events)
+    print(f"{a.config} batch {a.batch}: {total / a.steps / 1e3:.2f} ms of kernels per step, "
+          f"{launches / a.steps:.0f} launches per step")
+    for e in sorted(events, key=lambda e: -e.device_time_total)[:a.top]:
+        print(f"{e.device_time_total / a.steps:9.1f} us {e.count / a.steps:6.0f}x  {e.key[:100]}")
+
+
+if __name__ == "__main__":
+    main()

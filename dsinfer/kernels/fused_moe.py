@@ -1,0 +1,283 @@
+"""Fused mixture-of-experts (Triton): the routed experts of one layer in two grouped GEMMs, without a host sync.
+
+Design. A token's k routing choices are its k *slots* (slot = token * k + j). `align_slots` sorts the slots by
+expert and pads each expert's run to a multiple of BLOCK_M, so every BLOCK_M-row tile of the sorted order belongs
+to one expert; all of it is done with fixed-size tensor ops (no `.tolist()`, no data-dependent shapes), so a
+decode step can be captured in a CUDA graph. Then:
+  1. gate/up: h[slot] = silu(x[token] @ w1[e]^T) * (x[token] @ w3[e]^T), both projections in one kernel;
+  2. down:    out[slot] = weight[slot] * (h[slot] @ w2[e]^T);
+and y[token] = sum over its k slots. Tiles past an expert's last slot and tiles of padding experts (-1) exit at
+once. With expert parallelism a rank holds experts [first, first + n_local); slots routed elsewhere are dropped.
+
+Weights: the activation dtype, or FP8 e4m3 with 128x128 block scales, run either weight-only (bytes decoded to
+bf16 in registers, for small batches and GPUs without FP8) or block-scaled (activations quantized per token and
+128 channels, FP8 tensor cores; for large batches). Twin: `fused_moe_torch`, the per-expert loop.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .fp8 import act_quant_torch, weight_dequant_torch
+from .fp8_weight_only_triton import e4m3_to_bf16
+from .triton_common import check_device, interpreting
+
+MOE_MODES = ("plain", "weight_only", "block_scaled")
+
+
+def _aligned_size(num_slots: int, n_local: int, block_m: int) -> int:
+    """Worst-case length of the padded slot list: every local expert's run padded by up to block_m - 1."""
+    return -(-(num_slots + n_local * (block_m - 1)) // block_m) * block_m
+
+
+@triton.jit
+def _align_kernel(idx_ptr, slots_ptr, block_expert_ptr, num_slots, first, n_local, size,
+                  BLOCK_M: tl.constexpr, E_PAD: tl.constexpr, CHUNK: tl.constexpr):
+    """One program: count slots per local expert, lay the experts' runs out padded to BLOCK_M, write each slot
+    at its expert's start plus the number of earlier slots of that expert, and name each tile's expert."""
+    experts = tl.arange(0, E_PAD)
+    counts = tl.zeros([E_PAD], tl.int32)
+    for c in range(0, num_slots, CHUNK):
+        offs = c + tl.arange(0, CHUNK)
+        e = tl.load(idx_ptr + offs, mask=offs < num_slots, other=-1).to(tl.int32) - first
+        e = tl.where((offs < num_slots) & (e >= 0) & (e < n_local), e, -1)
+        counts += tl.sum((e[:, None] == experts[None, :]).to(tl.int32), 0)
+    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    ends = tl.cumsum(padded, 0)
+    run = ends - padded                                   # where each expert's next slot goes
+    for c in range(0, size, CHUNK):
+        offs = c + tl.arange(0, CHUNK)
+        tl.store(slots_ptr + offs, tl.zeros([CHUNK], tl.int32) + num_slots, mask=offs < size)
+    tl.debug_barrier()                                    # the sentinel fill lands before the slots
+    for c in range(0, num_slots, CHUNK):
+        offs = c + tl.arange(0, CHUNK)
+        e = tl.load(idx_ptr + offs, mask=offs < num_slots, other=-1).to(tl.int32) - first
+        e = tl.where((offs < num_slots) & (e >= 0) & (e < n_local), e, -1)
+        hit = (e[:, None] == experts[None, :]).to(tl.int32)                          # (CHUNK, E_PAD)
+        dest = tl.sum(hit * (run[None, :] + tl.cumsum(hit, 0) - hit), 1)             # earlier hits move it on
+        tl.store(slots_ptr + dest, offs, mask=e >= 0)
+        run += tl.sum(hit, 0)
+    for c in range(0, size // BLOCK_M, CHUNK):
+        tiles = c + tl.arange(0, CHUNK)
+        owner = tl.sum((ends[None, :] <= (tiles * BLOCK_M)[:, None]).to(tl.int32), 1)
+        tl.store(block_expert_ptr + tiles, tl.where(owner < n_local, owner, -1), mask=tiles < size // BLOCK_M)
+
+
+def align_slots(indices: torch.Tensor, first: int, n_local: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """indices: (T, k) int64 global expert ids -> sorted_slots (P,) int32 and block_expert (P / block_m,) int32.
+
+    sorted_slots lists slot ids grouped by local expert, each group padded to a multiple of block_m with the
+    sentinel T*k; block_expert[b] is the local expert of tile b, or -1 for tiles past the last group. P is the
+    worst case T*k + n_local*(block_m - 1), rounded up to block_m, so the shapes depend only on T. One launch."""
+    indices = indices.contiguous()
+    size = _aligned_size(indices.numel(), n_local, block_m)
+    sorted_slots = torch.empty(size, dtype=torch.int32, device=indices.device)
+    block_expert = torch.empty(size // block_m, dtype=torch.int32, device=indices.device)
+    e_pad = triton.next_power_of_2(n_local)
+    _align_kernel[(1,)](indices, sorted_slots, block_expert, indices.numel(), first, n_local, size,
+                        BLOCK_M=block_m, E_PAD=e_pad, CHUNK=max(16, min(1024, 8192 // e_pad)), num_warps=8)
+    return sorted_slots, block_expert
+
+
+def align_slots_torch(indices: torch.Tensor, first: int, n_local: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Twin of `align_slots` in tensor ops (a stable sort by expert)."""
+    num_slots = indices.numel()
+    device = indices.device
+    e = indices.flatten() - first
+    e = torch.where((e >= 0) & (e < n_local), e, n_local)                      # n_local: not on this rank
+    counts = torch.zeros(n_local + 1, dtype=torch.int64, device=device).scatter_add_(0, e, torch.ones_like(e))
+    padded = (counts[:n_local] + block_m - 1) // block_m * block_m
+    padded_end = padded.cumsum(0)
+    count_start = counts.cumsum(0) - counts                                    # first sorted position per expert
+    order = e.argsort(stable=True)                                             # slots grouped by expert
+    sorted_e = e[order]
+    rank = torch.arange(num_slots, device=device) - count_start[sorted_e]      # position within its expert
+    padded_start = torch.cat([padded_end.new_zeros(1), padded_end])[sorted_e]   # (trash group starts at the end)
+    size = _aligned_size(num_slots, n_local, block_m)
+    dest = torch.where(sorted_e < n_local, padded_start + rank, size)          # trash slots go to a spill row
+    sorted_slots = torch.full((size + 1,), num_slots, dtype=torch.int32, device=device)
+    sorted_slots.scatter_(0, dest, order.to(torch.int32))
+    tile_start = torch.arange(0, size, block_m, device=device)
+    block_expert = torch.searchsorted(padded_end, tile_start, right=True)
+    block_expert = torch.where(block_expert < n_local, block_expert, -1).to(torch.int32)
+    return sorted_slots[:size], block_expert
+
+
+@triton.jit
+def _moe_gemm_kernel(
+    a_ptr, a_s_ptr, w_ptr, w_s_ptr, w3_ptr, w3_s_ptr, out_ptr, slots_ptr, block_expert_ptr, route_w_ptr,   # pointers
+    N, K, num_slots, top_k,                                                                               # sizes
+    stride_am, stride_asm, stride_we, stride_wn, stride_wse, stride_wsn, stride_om,                       # strides
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GATED: tl.constexpr, A_PER_TOKEN: tl.constexpr, MUL_ROUTE: tl.constexpr, MODE: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+):
+    """One (tile of sorted slots, BLOCK_N output columns). MODE 0: plain, 1: FP8 weight-only, 2: FP8 block-scaled.
+    GATED: out = silu(a @ w^T) * (a @ w3^T). A_PER_TOKEN: row of a = slot // top_k (else slot).
+    MUL_ROUTE: out *= route_w[slot]."""
+    pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+    expert = tl.load(block_expert_ptr + pid_m)
+    if expert < 0:
+        return
+    slots = tl.load(slots_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
+    valid = slots < num_slots
+    rows = tl.where(valid, slots // top_k if A_PER_TOKEN else slots, 0).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    safe_n = (offs_n % N).to(tl.int64)
+    offs_k = tl.arange(0, BLOCK_K)
+    e = expert.to(tl.int64)
+    a_ptrs = a_ptr + rows[:, None] * stride_am + offs_k[None, :]                    # (BLOCK_M, BLOCK_K)
+    w_ptrs = w_ptr + e * stride_we + safe_n[None, :] * stride_wn + offs_k[:, None]  # (BLOCK_K, BLOCK_N) = w^T
+    w3_ptrs = w3_ptr + e * stride_we + safe_n[None, :] * stride_wn + offs_k[:, None]
+    w_s_ptrs = w_s_ptr + e * stride_wse + (safe_n // 128) * stride_wsn
+    w3_s_ptrs = w3_s_ptr + e * stride_wse + (safe_n // 128) * stride_wsn
+    a_s_ptrs = a_s_ptr + rows * stride_asm
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc3 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for i in range(tl.cdiv(K, BLOCK_K)):
+        k_mask = offs_k < K - i * BLOCK_K
+        a = tl.load(a_ptrs, mask=valid[:, None] & k_mask[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=k_mask[:, None], other=0.0)
+        if GATED:
+            w3 = tl.load(w3_ptrs, mask=k_mask[:, None], other=0.0)
+        if MODE == 1:                               # FP8 weight-only: decode bytes to bf16, scale per K step
+            w = e4m3_to_bf16(w)
+            if GATED:
+                w3 = e4m3_to_bf16(w3)
+        if DOT_FP32:   # Triton 3.6's interpreter mishandles low-precision dots: give it exact float32
+            part = tl.dot(a.to(tl.float32), w.to(tl.float32), input_precision="ieee")
+            if GATED:
+                part3 = tl.dot(a.to(tl.float32), w3.to(tl.float32), input_precision="ieee")
+        else:
+            part = tl.dot(a, w)
+            if GATED:
+                part3 = tl.dot(a, w3)
+        if MODE == 0:
+            acc += part
+            if GATED:
+                acc3 += part3
+        else:
+            scale = tl.load(w_s_ptrs + i * BLOCK_K // 128)[None, :]
+            if MODE == 2:
+                scale = scale * tl.load(a_s_ptrs + i * BLOCK_K // 128, mask=valid, other=0.0)[:, None]
+            acc += part * scale
+            if GATED:
+                scale3 = tl.load(w3_s_ptrs + i * BLOCK_K // 128)[None, :]
+                if MODE == 2:
+                    scale3 = scale3 * tl.load(a_s_ptrs + i * BLOCK_K // 128, mask=valid, other=0.0)[:, None]
+                acc3 += part3 * scale3
+        a_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+        w3_ptrs += BLOCK_K
+
+    if GATED:
+        acc = acc / (1.0 + tl.exp(-acc)) * acc3                                      # silu(gate) * up
+    if MUL_ROUTE:
+        acc *= tl.load(route_w_ptr + slots, mask=valid, other=0.0)[:, None]
+    out_ptrs = out_ptr + slots[:, None].to(tl.int64) * stride_om + offs_n[None, :]
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=valid[:, None] & (offs_n[None, :] < N))
+
+
+def _tiles(num_slots: int, n_local: int, mode: str) -> tuple[int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for this many slots per expert."""
+    if interpreting():
+        return 16, 32, 128 if mode != "plain" else 32, 4, 1
+    per_expert = num_slots / max(n_local, 1)
+    if per_expert <= 16:
+        return 16, 64, 128, 4, 4
+    if per_expert <= 64:
+        return 32, 64, 128, 4, 3
+    return 64, 128, 128 if mode != "plain" else 64, 4, 3
+
+
+def _gemm(a, a_s, w, w_s, w3, w3_s, out, sorted_slots, block_expert, route_w, top_k, mode, gated,
+          tiles) -> None:
+    """Launch one grouped GEMM: gate/up (gated, rows of `a` per token) or down (rows per slot, routing weight)."""
+    block_m, block_n, block_k, warps, stages = tiles
+    N, K = w.shape[1], w.shape[2]
+    if mode == "weight_only":                     # the kernel decodes e4m3 from raw bytes
+        w, w3 = w.view(torch.uint8), w3.view(torch.uint8)
+    dummy = route_w[:1]
+    a_s = dummy[None] if a_s is None else a_s
+    w_s, w3_s = (dummy[None, None], dummy[None, None]) if w_s is None else (w_s, w3_s)
+    grid = (block_expert.numel(), triton.cdiv(N, block_n))
+    _moe_gemm_kernel[grid](
+        a, a_s, w, w_s, w3, w3_s, out, sorted_slots, block_expert, route_w,
+        N, K, route_w.numel(), top_k,
+        a.stride(0), a_s.stride(0), w.stride(0), w.stride(1), w_s.stride(0), w_s.stride(1), out.stride(0),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GATED=gated, A_PER_TOKEN=gated,
+        MUL_ROUTE=not gated, MODE=MOE_MODES.index(mode), DOT_FP32=interpreting() or a.dtype == torch.float32,
+        num_warps=warps, num_stages=stages)
+
+
+def fused_moe(x: torch.Tensor, route_w: torch.Tensor, indices: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
+              w3: torch.Tensor, w1_s: torch.Tensor | None = None, w2_s: torch.Tensor | None = None,
+              w3_s: torch.Tensor | None = None, first: int = 0, mode: str = "plain") -> torch.Tensor:
+    """Routed experts of one layer. x: (T, D) bf16/fp16/fp32; route_w: (T, k) float32; indices: (T, k) int64
+    global expert ids; w1, w3: (E_local, I, D), w2: (E_local, D, I) in x's dtype, or FP8 e4m3 with scales
+    w*_s: (E_local, ceil(rows/128), ceil(cols/128)) float32; first: global id of local expert 0.
+    mode: "plain" (weights in x's dtype), "weight_only" or "block_scaled" (FP8). Returns (T, D) float32."""
+    if mode not in MOE_MODES:
+        raise ValueError(f"unknown fused MoE mode {mode!r}; choose one of {', '.join(MOE_MODES)}")
+    check_device(x=x, w1=w1, w2=w2, w3=w3)
+    T, D = x.shape
+    n_local, inter = w1.shape[0], w1.shape[1]
+    top_k = indices.shape[1]
+    tiles = _tiles(indices.numel(), n_local, mode)
+    sorted_slots, block_expert = align_slots(indices, first, n_local, tiles[0])
+    route_w = route_w.float().contiguous().flatten()
+    x = x.contiguous()
+    a_s = None
+    if mode == "block_scaled":
+        x, a_s = _act_quant(x)
+    elif mode == "weight_only" and x.dtype != torch.bfloat16 and not interpreting():
+        x = x.to(torch.bfloat16)
+    h_dtype = x.dtype if mode != "block_scaled" else torch.bfloat16
+    h = torch.empty(T * top_k, inter, dtype=h_dtype, device=x.device)
+    _gemm(x, a_s, w1, w1_s, w3, w3_s, h, sorted_slots, block_expert, route_w, top_k, mode, True, tiles)
+    h_s = None
+    if mode == "block_scaled":
+        h, h_s = _act_quant(h)
+    out = torch.zeros(T * top_k, D, dtype=torch.float32, device=x.device)
+    _gemm(h, h_s, w2, w2_s, w2, w2_s, out, sorted_slots, block_expert, route_w, top_k, mode, False, tiles)
+    return out.view(T, top_k, D).sum(dim=1)
+
+
+def _act_quant(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    from .fp8_quant_triton import act_quant
+    return act_quant(x.to(torch.bfloat16).contiguous(), 128)
+
+
+def fused_moe_torch(x: torch.Tensor, route_w: torch.Tensor, indices: torch.Tensor, w1: torch.Tensor,
+                    w2: torch.Tensor, w3: torch.Tensor, w1_s: torch.Tensor | None = None,
+                    w2_s: torch.Tensor | None = None, w3_s: torch.Tensor | None = None, first: int = 0,
+                    mode: str = "plain") -> torch.Tensor:
+    """Twin of `fused_moe`: a loop over the local experts, weights dequantized. "block_scaled" also quantizes the
+    activations (per token and 128 channels) as the kernel does. Returns (T, D) float32."""
+    T, D = x.shape
+    y = torch.zeros(T, D, dtype=torch.float32, device=x.device)
+    for e in range(w1.shape[0]):
+        token, j = torch.nonzero(indices == first + e, as_tuple=True)
+        if token.numel() == 0:
+            continue
+        ws = [w if s is None else weight_dequant_torch(w[e], s[e], (128, 128), torch.float32)
+              for w, s in ((w1, w1_s), (w3, w3_s), (w2, w2_s))]
+        ws = [w[e].float() if w.dim() == 3 else w for w in ws]
+        a = _quant_dequant(x[token].float()) if mode == "block_scaled" else x[token].float()
+        h = torch.nn.functional.silu(a @ ws[0].T) * (a @ ws[1].T)
+        if mode == "block_scaled":
+            h = _quant_dequant(h.to(torch.bfloat16).float())
+        elif mode == "plain":
+            h = h.to(x.dtype).float()
+        y.index_add_(0, token, (h @ ws[2].T) * route_w[token, j, None].float())
+    return y
+
+
+def _quant_dequant(x: torch.Tensor) -> torch.Tensor:
+    q, s = act_quant_torch(x.to(torch.bfloat16), 128)
+    k = x.shape[-1]
+    padded = torch.nn.functional.pad(q.float(), (0, s.shape[-1] * 128 - k))
+    return (padded.view(*x.shape[:-1], -1, 128) * s[..., None]).flatten(-2)[..., :k]
