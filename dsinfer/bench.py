@@ -18,8 +18,10 @@ import torch
 from torch import nn
 
 from .config import EngineConfig
-from .models import ModelArgs, model_class
+from .models import ModelArgs
+from .models.layers import Linear
 from .models.moe import Experts
+from .parallel import ParallelState
 from .models.published import PUBLISHED
 
 NAMED_CONFIGS = PUBLISHED
@@ -46,21 +48,19 @@ def bench_config(name_or_path: str, layers: int | None = None) -> dict:
 
 
 @torch.no_grad()
-def random_model(args: ModelArgs, dtype: torch.dtype, device: torch.device, seed: int = 0) -> nn.Module:
-    """The model for `args` with random weights made on `device` (FP8 + block scales where the config says so)."""
+def random_model(args: ModelArgs, dtype: torch.dtype, device: torch.device, seed: int = 0,
+                 parallel: ParallelState | None = None) -> nn.Module:
+    """The model for `args` with random weights made on `device` (FP8 + block scales where the config says so);
+    under `parallel`, this rank's part. Every rank draws the same numbers in the same order, so weights that are
+    whole on every rank (norms, router, latent projections) are equal across ranks, as their caches need."""
+    from .checkpoint.loader import build_model
     g = torch.Generator(device).manual_seed(seed)
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device("meta"):
-            model = model_class(args)(args)
-    finally:
-        torch.set_default_dtype(old)
+    model = build_model(args, dtype, parallel=parallel)
     block = args.quant.block_size if args.quant else None
     fp8_names = set()
     if block:
         for name, m in model.named_modules():
-            if type(m).__name__ == "Linear" and not name.endswith("head"):
+            if isinstance(m, Linear) and not name.endswith("head"):
                 fp8_names.add(f"{name}.weight")
             elif isinstance(m, Experts):
                 fp8_names.update(f"{name}.{w}" for w in ("w1", "w2", "w3"))
@@ -148,10 +148,10 @@ def run_bench(cfg: dict, config: EngineConfig, batches: list[int], prompt_len: i
     args = ModelArgs.from_hf_config(cfg)
     device = config.torch_device
     t0 = time.perf_counter()
-    model = random_model(args, config.torch_dtype, device)
+    engine = Engine.from_random(cfg, config)         # under tensor parallelism, every rank builds its part
+    model, device = engine.model, engine.device
     _sync(device)
     build_s = time.perf_counter() - t0
-    engine = Engine.from_model(model, args, config)
     g = torch.Generator().manual_seed(0)
 
     def prompt(n):
@@ -203,7 +203,9 @@ def run_bench(cfg: dict, config: EngineConfig, batches: list[int], prompt_len: i
     name = (f"{cfg['model_type']}, {args.n_layers} layers, {args.n_routed_experts} experts "
             f"top-{args.n_activated_experts}")
     quant = "fp8 128x128" if args.quant else config.dtype
-    out(f"model: {name}, weights {quant}, random; device {device}; built in {build_s:.1f} s")
+    n = engine.parallel.world_size
+    ranks = f" x {n} ranks (tensor parallel; weight bytes per rank)" if n > 1 else ""
+    out(f"model: {name}, weights {quant}, random; device {device}{ranks}; built in {build_s:.1f} s")
     out(f"time to first token ({prompt_len}-token prompt): {ttft * 1e3:.1f} ms "
         f"(first request, with kernel compilation: {ttft_warm * 1e3:.0f} ms); "
         f"process start to first token: {first_token_age:.1f} s")
@@ -215,4 +217,5 @@ def run_bench(cfg: dict, config: EngineConfig, batches: list[int], prompt_len: i
     for r in results:
         frac = f"{100 * r.bandwidth_fraction:.0f}%" if r.bandwidth_fraction is not None else "n/a (CPU)"
         out(f"| {r.batch} | {r.decode_tokens_per_s:,.1f} | {r.step_ms:.2f} | {r.weight_bytes / 1e9:.2f} GB | {frac} |")
+    engine.shutdown()
     return results

@@ -19,6 +19,11 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-model-len", type=int, help="longest prompt + generation (default: the model's)")
     p.add_argument("--attn-impl", default="absorb", choices=["absorb", "naive"],
                    help="MLA form: weight-absorbed (default) or naive (reference)")
+    p.add_argument("--enforce-eager", action="store_true", help="GPU: run decode steps eagerly, without CUDA graphs")
+    p.add_argument("--tp", type=int, default=1, metavar="N",
+                   help="split the model over N processes, one GPU each (gloo on CPU); torchrun: its WORLD_SIZE")
+    p.add_argument("--no-simulate-qat", action="store_true",
+                   help="DeepSeek-V4: skip the reference's FP8/FP4 rounding of KV and indexer (matches HF)")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, temperature: float) -> None:
@@ -100,6 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
     b.add_argument("--fp8-impl", default="auto", choices=["auto", "torch", "fp8_gemm", "weight_only"])
     b.add_argument("--attn-backend", default="auto", choices=["auto", "torch", "triton"])
+    b.add_argument("--moe-backend", default="auto", choices=["auto", "torch", "triton"])
+    b.add_argument("--enforce-eager", action="store_true", help="run decode steps eagerly, without CUDA graphs")
+    b.add_argument("--tp", type=int, default=1, metavar="N",
+                   help="split the model over N processes, one GPU each (gloo on CPU); torchrun: its WORLD_SIZE")
     b.set_defaults(func=cmd_bench)
 
     from .server.cli import add_serve_parser     # FastAPI and uvicorn are imported only when serving
@@ -112,7 +121,9 @@ def _llm(args):
     if args.model is None:
         print("dsinfer: using the bundled Shakespeare model (pass --model for another)", file=sys.stderr)
     return LLM(args.model, device=args.device, dtype=args.dtype, max_model_len=args.max_model_len,
-               attn_impl=args.attn_impl, progress=sys.stderr.isatty())
+               attn_impl=args.attn_impl, enforce_eager=args.enforce_eager, progress=sys.stderr.isatty(),
+               tensor_parallel_size=args.tp,
+               simulate_qat=False if args.no_simulate_qat else None)
 
 
 def _sampling(args):
@@ -235,6 +246,7 @@ def cmd_bench(args) -> int:
     config = EngineConfig(device=args.device, dtype=args.dtype, max_model_len=longest,
                           max_num_seqs=max(args.batch), max_num_batched_tokens=max(4096, max(args.batch)),
                           enable_prefix_caching=False, fp8_impl=args.fp8_impl, attn_backend=args.attn_backend,
-                          progress=False)
+                          moe_backend=args.moe_backend, enforce_eager=args.enforce_eager, progress=False,
+                          tensor_parallel_size=args.tp)
     run_bench(cfg, config, args.batch, args.prompt_len, args.decode_steps, args.prefill_len)
     return 0

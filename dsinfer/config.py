@@ -23,8 +23,15 @@ class EngineConfig:
     attn_impl: str = "absorb"             # "absorb" (weight-absorbed MLA) or "naive" (expanded keys/values; oracle)
     fp8_impl: str = "auto"                # FP8 linear layers: see models.layers.FP8_IMPLS
     attn_backend: str = "auto"            # MLA attention + cache write: "auto" (triton on GPU), "torch", "triton"
+    moe_backend: str = "auto"             # routed experts: "auto" (fused Triton kernel on GPU), "torch" (loop), "triton"
+    enforce_eager: bool = False           # no CUDA graphs: run every decode step eagerly
+    cuda_graph_max_batch: int = 256       # decode batches up to this size replay CUDA graphs, >= 1 (capped by max_num_seqs)
     enable_prefix_caching: bool = True    # reuse cached pages of identical prompt prefixes
     seed: int = 0                         # seed for requests that give none
+    # Processes (one per GPU) the model is split over, >= 1: attention heads, dense and shared-expert widths and
+    # the vocabulary are cut into this many slices and the routed experts divided; it must divide each of them.
+    # More than 1 starts the other ranks on this machine, or joins torchrun's group (see launch.py).
+    tensor_parallel_size: int = 1
     progress: bool = True                 # show a progress bar while loading weights
 
     def __post_init__(self):
@@ -48,8 +55,16 @@ class EngineConfig:
             raise ValueError(f"cpu_cache_gib must be positive, got {self.cpu_cache_gib}")
         if self.attn_impl not in ("absorb", "naive"):
             raise ValueError(f"unknown attn_impl {self.attn_impl!r}; choose absorb or naive")
-        if self.attn_backend not in ("auto", "torch", "triton"):
-            raise ValueError(f"unknown attn_backend {self.attn_backend!r}; choose auto, torch or triton")
+        for name in ("attn_backend", "moe_backend"):
+            if getattr(self, name) not in ("auto", "torch", "triton"):
+                raise ValueError(f"unknown {name} {getattr(self, name)!r}; choose auto, torch or triton")
+        if not isinstance(self.tensor_parallel_size, int) or self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be a positive integer, got {self.tensor_parallel_size!r}")
+        if self.tensor_parallel_size > 1 and self.device.startswith("cuda:"):
+            raise ValueError(f"device {self.device!r} names one GPU, but tensor_parallel_size "
+                             f"{self.tensor_parallel_size} uses one GPU per rank (cuda:0, cuda:1, ...); use cuda")
+        if self.cuda_graph_max_batch < 1:
+            raise ValueError(f"cuda_graph_max_batch must be at least 1, got {self.cuda_graph_max_batch}")
         from .models.layers import FP8_IMPLS
         if self.fp8_impl not in FP8_IMPLS:
             raise ValueError(f"unknown fp8_impl {self.fp8_impl!r}; choose one of {', '.join(FP8_IMPLS)}")

@@ -28,10 +28,20 @@ class RequestOutput:
 
 
 class LLM:
-    def __init__(self, model: str | Path | None = None, device: str = "auto", dtype: str = "bfloat16", **kwargs):
-        """`model`: a Hugging Face checkpoint folder (None = the bundled model); kwargs: EngineConfig fields."""
-        self.engine = Engine(model if model is not None else default_model_path(),
-                             EngineConfig(device=device, dtype=dtype, **kwargs))
+    def __init__(self, model: str | Path | None = None, device: str = "auto", dtype: str = "bfloat16",
+                 simulate_qat: bool | None = None, **kwargs):
+        """`model`: a Hugging Face checkpoint folder (None = the bundled model); kwargs: EngineConfig fields.
+        `simulate_qat` (DeepSeek-V4 only, default on): round as the reference's forward pass does (FP8 KV, FP4
+        indexer); off matches HF transformers. V4 runs on EngineV4, a plain loop, until the paged engine has it."""
+        path = model if model is not None else default_model_path()
+        config = EngineConfig(device=device, dtype=dtype, **kwargs)
+        from .engine_v4 import EngineV4, is_v4_checkpoint
+        if is_v4_checkpoint(path):
+            self.engine = EngineV4(path, config, simulate_qat=True if simulate_qat is None else simulate_qat)
+        elif simulate_qat is not None:
+            raise ValueError("simulate_qat applies to DeepSeek-V4 checkpoints only")
+        else:
+            self.engine = Engine(path, config)
         self.tokenizer = self.engine.tokenizer
 
     def generate(self, prompts: str | list[int] | list[str | list[int]],
@@ -79,6 +89,11 @@ class LLM:
     def logits(self, token_ids: list[int]) -> torch.Tensor:
         """Next-token logits at every position: (len(token_ids), vocab_size) float32 on CPU."""
         return torch.cat([chunk.cpu() for chunk in self.engine.iter_logits(list(token_ids))])
+
+    def shutdown(self) -> None:
+        """Stop the other ranks of a tensor-parallel LLM (done at exit too); then another may be started."""
+        if hasattr(self.engine, "shutdown"):
+            self.engine.shutdown()
 
     @staticmethod
     def _output(seq) -> RequestOutput:

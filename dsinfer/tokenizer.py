@@ -1,4 +1,6 @@
-"""Tokenizer (HF `tokenizer.json` through the `tokenizers` library) and the checkpoint's jinja chat template."""
+"""Tokenizer (HF `tokenizer.json` through the `tokenizers` library) and the chat format: the checkpoint's jinja chat
+template, or for DeepSeek-V4 (model_type "deepseek_v4" in config.json; V4 ships no template) the encoder in
+chat_v4.py."""
 
 from __future__ import annotations
 
@@ -11,6 +13,13 @@ from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as _HFTokenizer
 
+from . import chat_v4
+
+# Chat formats: "jinja" renders the checkpoint's template; "deepseek_v4" renders with chat_v4.encode_messages.
+CHAT_FORMATS = ("jinja", "deepseek_v4")
+V4_TEMPLATE_KWARGS = ("thinking", "enable_thinking", "thinking_mode", "tools", "reasoning_effort", "drop_thinking",
+                      "response_format", "context")
+
 
 def _token_text(value) -> str | None:
     """tokenizer_config.json writes special tokens as strings or as {"content": ...} objects."""
@@ -20,10 +29,16 @@ def _token_text(value) -> str | None:
 
 
 class Tokenizer:
-    def __init__(self, tokenizer: _HFTokenizer, config: dict, eos_ids: set[int], chat_template: str | None):
+    def __init__(self, tokenizer: _HFTokenizer, config: dict, eos_ids: set[int], chat_template: str | None,
+                 chat_format: str = "jinja"):
+        if chat_format not in CHAT_FORMATS:
+            raise ValueError(f"unknown chat_format {chat_format!r}; allowed: {', '.join(CHAT_FORMATS)}")
         self._tok = tokenizer
         self.config = config
         self.chat_template = chat_template
+        self.chat_format = chat_format
+        self.think_start_id = self._tok.token_to_id(chat_v4.THINK_START)     # None where the vocabulary has none
+        self.think_end_id = self._tok.token_to_id(chat_v4.THINK_END)
         self.bos_token = _token_text(config.get("bos_token"))
         self.eos_token = _token_text(config.get("eos_token"))
         self.bos_id = self._tok.token_to_id(self.bos_token) if self.bos_token else None
@@ -56,7 +71,10 @@ class Tokenizer:
             if eos is not None:
                 eos_ids |= set(eos) if isinstance(eos, list) else {eos}
                 break
-        return cls(tokenizer, config, eos_ids, template)
+        # The rule for the chat format: model_type "deepseek_v4" (from model_config, else the folder's config.json)
+        # selects the V4 encoder, whatever template the folder may hold; anything else uses the template.
+        model_type = (model_config if model_config is not None else _read_json(path / "config.json")).get("model_type")
+        return cls(tokenizer, config, eos_ids, template, "deepseek_v4" if model_type == "deepseek_v4" else "jinja")
 
     def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
         """Token ids of `text`; BOS is prepended when the tokenizer asks for it (once)."""
@@ -69,7 +87,11 @@ class Tokenizer:
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> str:
-        """Render a conversation with the checkpoint's template (as HF transformers renders it)."""
+        """Render a conversation with the checkpoint's template (as HF transformers renders it), or with the V4
+        encoder, which takes thinking/enable_thinking (bool) or thinking_mode, tools, reasoning_effort,
+        drop_thinking, response_format and context."""
+        if self.chat_format == "deepseek_v4":
+            return self._apply_v4(messages, add_generation_prompt, kwargs)
         if not self.chat_template:
             raise ValueError("this checkpoint has no chat template; use generate with a plain prompt instead")
         _check_messages(messages)
@@ -84,6 +106,23 @@ class Tokenizer:
             return env.from_string(self.chat_template).render(**context)
         except (TemplateError, TypeError) as e:
             raise ValueError(f"chat template error: {e}") from None
+
+    def _apply_v4(self, messages: list[dict], add_generation_prompt: bool, kwargs: dict) -> str:
+        if unknown := [k for k in kwargs if k not in V4_TEMPLATE_KWARGS]:
+            raise ValueError(f"unknown DeepSeek-V4 chat option(s) {', '.join(unknown)}; "
+                             f"allowed: {', '.join(V4_TEMPLATE_KWARGS)}")
+        needed = (chat_v4.BOS, chat_v4.EOS, chat_v4.USER, chat_v4.ASSISTANT, chat_v4.THINK_START, chat_v4.THINK_END)
+        if missing := [t for t in needed if self._tok.token_to_id(t) is None]:
+            raise ValueError(f"this tokenizer lacks the DeepSeek-V4 chat tokens {', '.join(missing)}")
+        thinking = [kwargs[k] for k in ("thinking", "enable_thinking") if kwargs.get(k) is not None]
+        if any(not isinstance(t, bool) for t in thinking):
+            raise ValueError(f"thinking/enable_thinking must be true or false; got {thinking}")
+        mode = kwargs.get("thinking_mode") or ("thinking" if any(thinking) else "chat")
+        return chat_v4.encode_messages(
+            messages, thinking_mode=mode, context=kwargs.get("context"),
+            drop_thinking=kwargs.get("drop_thinking", True), reasoning_effort=kwargs.get("reasoning_effort"),
+            tools=kwargs.get("tools") or None, response_format=kwargs.get("response_format"),
+            add_generation_prompt=add_generation_prompt)
 
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> list[int]:
         """Render and tokenize; the templates write BOS themselves, so it is present exactly once."""

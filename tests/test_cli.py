@@ -39,6 +39,7 @@ def cli_runs(model, tmp):
     greedy = [*small, "--temperature", 0, "--max-new-tokens", 8]
     return {
         "generate-prompt": (["generate", *greedy, "--prompt", PROMPT], None),
+        "generate-tp2": (["generate", *greedy, "--tp", 2, "--input-file", tmp / "prompts.txt"], None),
         "generate-input-file": (["generate", *greedy, "--input-file", tmp / "prompts.txt"], None),
         "chat": (["chat", *greedy], CHAT_INPUT),
         "perplexity": (["perplexity", *small, "--text-file", tmp / "text.txt", "--context", MAX_LEN], None),
@@ -51,12 +52,14 @@ def cli_runs(model, tmp):
         "prompt-too-long": (["generate", *cpu, "--max-model-len", 16, "--prompt", "x " * 40], None),
         "cuda-without-gpu": (["generate", "--model", model, "--device", "cuda", "--prompt", "hi"], None),
         "top-p-zero": (["generate", *cpu, "--top-p", 0, "--prompt", "hi"], None),
+        "tp-not-dividing": (["generate", *cpu, "--tp", 3, "--prompt", "hi"], None),
     }
 
 
 ERROR_WORDS = {  # error run -> a word its message must hold
     "missing-model-path": "no-such-folder", "folder-without-config": "config.json", "missing-input-file": "nope.txt",
-    "prompt-too-long": "16", "cuda-without-gpu": "cuda", "top-p-zero": "top_p"}
+    "prompt-too-long": "16", "cuda-without-gpu": "cuda", "top-p-zero": "top_p",
+    "tp-not-dividing": "--tp 3 does not divide num_attention_heads = 4"}
 
 
 @pytest.fixture(scope="module")
@@ -108,6 +111,12 @@ def test_generate_input_file_prints_completions_in_order(runs, llm):
     expected = [p + greedy_text(llm, p) for p in FILE_PROMPTS]
     assert len(set(expected)) == 3
     assert ok_stdout(runs["generate-input-file"].result()) == "\n\n".join(expected) + "\n"
+
+
+def test_generate_tensor_parallel(runs, llm):
+    """Two ranks (rank 0 starts the other) print what one process prints."""
+    expected = [p + greedy_text(llm, p) for p in FILE_PROMPTS]
+    assert ok_stdout(runs["generate-tp2"].result()) == "\n\n".join(expected) + "\n"
 
 
 # -- chat ------------------------------------------------------------------------------------------------------

@@ -6,6 +6,11 @@ parameter, so at most one tensor exists twice in memory at any time. FP8 weights
 
 A folder written by `dsinfer convert` (per-rank files and a `dsinfer_tp.json` manifest) loads too: each split
 tensor is read from every rank file and concatenated along its split dim, so one process gets the whole model.
+
+Under tensor parallelism (a `ParallelState` of n ranks) every rank reads only its own part: from a Hugging Face
+folder, the byte ranges of its slice of each split tensor (`convert.SPLIT_DIMS`; FP8 scales cut on block
+boundaries) and only its own routed experts; from a `dsinfer convert --tp n` folder, its own rank file as it is.
+Shapes are checked against the whole tensors, so messages name checkpoint shapes whatever n is.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from ..models.args import ModelArgs
 from ..models.layers import Linear
 from ..models.moe import Experts
 from ..models.registry import model_class
+from ..parallel import ParallelState
 from .names import Target, hf_to_native, native_to_hf
 
 _DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F8_E4M3": torch.float8_e4m3fn,
@@ -39,6 +45,7 @@ class TensorInfo:
     dtype: str            # safetensors dtype string ("BF16", "F8_E4M3", ...)
     parts: tuple[Path, ...] = ()     # tensor-parallel folder: the rank files whose slices concatenate to it
     split_dim: int | None = None     # ... along this dim
+    local: bool = False              # `file` holds exactly this rank's part (a convert rank file); shape is whole
 
     @property
     def nbytes(self) -> int:
@@ -84,11 +91,46 @@ def read_headers(files: list[Path]) -> dict[str, TensorInfo]:
     return infos
 
 
-def checkpoint_tensors(path: Path) -> dict[str, TensorInfo]:
-    """Name -> TensorInfo for every tensor of a checkpoint folder (HF safetensors or `dsinfer convert` output)."""
+def checkpoint_tensors(path: Path, rank: int = 0, world_size: int = 1) -> dict[str, TensorInfo]:
+    """Name -> TensorInfo for every tensor of a checkpoint folder (HF safetensors or `dsinfer convert` output).
+    With world_size > 1, a convert folder must have been written for that many ranks; its tensors then point at
+    this rank's file (`local`)."""
     if (path / TP_MANIFEST).is_file():
-        return _tp_tensors(path)
+        return _tp_tensors(path) if world_size == 1 else _tp_rank_tensors(path, rank, world_size)
     return read_headers(checkpoint_files(path))
+
+
+def _tp_rank_tensors(path: Path, rank: int, world_size: int) -> dict[str, TensorInfo]:
+    """The tensors of one rank of a `dsinfer convert` folder: whole shapes from the manifest, data in its file."""
+    manifest = path / TP_MANIFEST
+    try:
+        m = json.loads(manifest.read_text())
+        tp, files, entries = int(m["tp_size"]), [path / f for f in m["rank_files"]], m["tensors"]
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{manifest} is not a valid dsinfer tensor-parallel manifest ({e})") from None
+    if tp != world_size or len(files) != tp:
+        raise ValueError(f"{path} was converted for --tp {tp}, but this run has --tp {world_size}; use --tp {tp}, "
+                         f"or convert the original checkpoint again with --tp {world_size}")
+    if not files[rank].is_file():
+        raise ValueError(f"rank file {files[rank].name} listed in {TP_MANIFEST} is missing")
+    own = read_headers([files[rank]])
+    infos = {}
+    for name, e in entries.items():
+        dim, owner = e.get("split_dim"), e.get("rank", rank)
+        shape = list(e["shape"])
+        if owner != rank:                   # another rank's routed expert: never read here
+            infos[name] = TensorInfo(files[owner], tuple(shape), "?")
+            continue
+        if name not in own:
+            raise ValueError(f"{files[rank].name} lacks {name}, which {TP_MANIFEST} lists")
+        part = list(shape)
+        if dim is not None:
+            part[dim] //= tp
+        if list(own[name].shape) != part:
+            raise ValueError(f"{files[rank].name} holds {name} with shape {list(own[name].shape)}, but "
+                             f"{TP_MANIFEST} implies {part}")
+        infos[name] = TensorInfo(files[rank], tuple(shape), own[name].dtype, split_dim=dim, local=True)
+    return infos
 
 
 def _tp_tensors(path: Path) -> dict[str, TensorInfo]:
@@ -137,9 +179,29 @@ def _quantizable(model: nn.Module) -> dict[str, str]:
     return slots
 
 
+def _split_dim(hf_name: str, t: Target, world_size: int) -> int | None:
+    """The dim this tensor is cut along between ranks (None: whole on every rank; routed experts are whole)."""
+    if world_size == 1 or t.expert is not None:
+        return None
+    from .convert import shard_rule        # convert imports this module
+    return shard_rule(hf_name)[1]
+
+
+def _allowed_sizes(size: int, unit: int = 1) -> str:
+    return ", ".join(str(n) for n in range(1, 65) if size % (n * unit) == 0)
+
+
+def _is_local_expert(model: nn.Module, t: Target) -> bool:
+    experts = model.get_submodule(t.name.rpartition(".")[0])
+    return experts.first <= t.expert < experts.first + experts.n_local
+
+
 def plan_load(model: nn.Module, infos: dict[str, TensorInfo], n_layers: int,
-              block: tuple[int, int]) -> dict[str, Target]:
-    """Check the checkpoint against the model; return HF name -> Target for every tensor to load."""
+              block: tuple[int, int], parallel: ParallelState | None = None) -> dict[str, Target]:
+    """Check the checkpoint against the model; return HF name -> Target for every tensor this rank loads
+    (under expert parallelism, only its own routed experts). The model holds this rank's slices; `infos` and
+    the messages are about whole tensors."""
+    n = (parallel or ParallelState.single()).world_size
     params = dict(model.named_parameters())
     stacked = {n for n in params if isinstance(model.get_submodule(n.rpartition(".")[0]), Experts)}
     scale_slot = _quantizable(model)
@@ -152,7 +214,8 @@ def plan_load(model: nn.Module, infos: dict[str, TensorInfo], n_layers: int,
         if target is None:
             continue
         if target.name in params or target.name in scale_owner:
-            plan[hf_name] = target
+            if target.expert is None or _is_local_expert(model, target):
+                plan[hf_name] = target
         else:
             unknown.append(hf_name)
     if unknown:
@@ -160,8 +223,12 @@ def plan_load(model: nn.Module, infos: dict[str, TensorInfo], n_layers: int,
                          f"{', '.join(unknown[:3])}; does config.json belong to these weights?")
 
     info_of = {(t.name, t.expert): infos[h] for h, t in plan.items()}
-    missing = [native_to_hf(name, e) for name, p in params.items()
-               for e in (range(p.shape[0]) if name in stacked else [None]) if (name, e) not in info_of]
+    def expert_ids(name: str):
+        experts = model.get_submodule(name.rpartition(".")[0])
+        return range(experts.first, experts.first + experts.n_local)
+
+    missing = [native_to_hf(name, e) for name in params
+               for e in (expert_ids(name) if name in stacked else [None]) if (name, e) not in info_of]
     if missing:
         raise ValueError(f"checkpoint is missing {len(missing)} tensor(s), e.g. {', '.join(missing[:3])}")
 
@@ -182,16 +249,30 @@ def plan_load(model: nn.Module, infos: dict[str, TensorInfo], n_layers: int,
                     raise ValueError(f"{hf_name} is float8_e4m3fn, but DeepSeek checkpoints keep it in bf16")
                 if (scale_slot[t.name], t.expert) not in info_of:
                     raise ValueError(f"{hf_name} is float8_e4m3fn but its weight_scale_inv is missing")
+            dim = _split_dim(hf_name, t, n)
+            if dim is not None:
+                if dim >= len(info.shape):
+                    raise ValueError(f"tensor {hf_name} has shape {list(info.shape)}, which has no dim {dim} to "
+                                     "split between ranks")
+                size, unit = info.shape[dim], (block[dim] if info.dtype == "F8_E4M3" else 1)
+                if size % (n * unit):
+                    whole = f" into whole FP8 blocks of {unit}" if unit > 1 else ""
+                    raise ValueError(f"tensor-parallel size {n} cannot split {hf_name} (dim {dim} of size {size})"
+                                     f"{whole}; allowed sizes: {_allowed_sizes(size, unit)}")
+                want = tuple(w * n if d == dim else w for d, w in enumerate(want))   # the whole tensor's shape
         if tuple(info.shape) != want:
             raise ValueError(f"tensor {hf_name} has shape {list(info.shape)}, expected {list(want)}")
     return plan
 
 
 def load_weights(model: nn.Module, path: Path, n_layers: int, device: torch.device,
-                 block: tuple[int, int] = (128, 128), progress: bool = True) -> None:
-    """Fill a meta-device `model` from the checkpoint at `path`, in place."""
-    infos = checkpoint_tensors(path)
-    plan = plan_load(model, infos, n_layers, block)
+                 block: tuple[int, int] = (128, 128), progress: bool = True,
+                 parallel: ParallelState | None = None) -> None:
+    """Fill a meta-device `model` from the checkpoint at `path`, in place (this rank's part under `parallel`)."""
+    parallel = parallel or ParallelState.single()
+    rank, n = parallel.rank, parallel.world_size
+    infos = checkpoint_tensors(path, rank, n)
+    plan = plan_load(model, infos, n_layers, block, parallel)
     params = dict(model.named_parameters())
     total = sum(infos[h].nbytes for h in plan)
     bar = tqdm(total=total, unit="B", unit_scale=True, desc="Loading weights", disable=not progress, leave=False)
@@ -203,18 +284,29 @@ def load_weights(model: nn.Module, path: Path, n_layers: int, device: torch.devi
         with ExitStack() as stack:
             handles: dict[Path, object] = {}
 
-            def read(f: Path, name: str) -> torch.Tensor:
+            def read(f: Path, name: str, dim: int | None = None) -> torch.Tensor:
+                """The whole tensor, or this rank's 1/n along `dim` (only those bytes are read)."""
                 try:
                     if f not in handles:
                         handles[f] = stack.enter_context(safe_open(f, framework="pt", device=open_device))
-                    return handles[f].get_tensor(name)
+                    if dim is None:
+                        return handles[f].get_tensor(name)
+                    part = handles[f].get_slice(name)
+                    size = part.get_shape()[dim] // n
+                    index = [slice(None)] * len(part.get_shape())
+                    index[dim] = slice(rank * size, (rank + 1) * size)
+                    return part[tuple(index)]
                 except SafetensorError as e:
                     raise ValueError(f"cannot read {f}: {e}") from None
 
             for hf_name in names:
                 info = infos[hf_name]
-                tensor = (torch.cat([read(p, hf_name) for p in info.parts], dim=info.split_dim) if info.parts
-                          else read(file, hf_name))
+                if info.local:                  # a convert rank file: this rank's part as it is
+                    tensor = read(file, hf_name)
+                elif info.parts:                # a convert folder loaded whole by one process
+                    tensor = torch.cat([read(p, hf_name) for p in info.parts], dim=info.split_dim)
+                else:
+                    tensor = read(file, hf_name, _split_dim(hf_name, plan[hf_name], n))
                 _place(model, params, plan[hf_name], tensor, device)
                 bar.update(info.nbytes)
     bar.close()
@@ -236,12 +328,11 @@ def _place(model: nn.Module, params: dict, t: Target, tensor: torch.Tensor, devi
         return
     stacked = getattr(owner, attr)
     if stacked is None or stacked.is_meta:
-        n = owner.n_experts
-        stacked = nn.Parameter(torch.empty(n, *tensor.shape, dtype=want, device=device), requires_grad=False)
+        stacked = nn.Parameter(torch.empty(owner.n_local, *tensor.shape, dtype=want, device=device), requires_grad=False)
         setattr(owner, attr, stacked)
     elif stacked.dtype != want:
         raise ValueError(f"experts of {owner_name}.{attr} mix dtypes {stacked.dtype} and {want}")
-    stacked.data[t.expert].copy_(tensor)
+    stacked.data[t.expert - owner.first].copy_(tensor)
 
 
 def read_config(path: str | Path) -> tuple[Path, dict]:
@@ -270,13 +361,26 @@ def _default_dtype(dtype: torch.dtype):
         torch.set_default_dtype(old)
 
 
+def build_model(args: ModelArgs, dtype: torch.dtype, attn_impl: str = "absorb",
+                parallel: ParallelState | None = None) -> nn.Module:
+    """The model for `args` on the meta device (this rank's part of it under `parallel`)."""
+    cls = model_class(args)
+    with torch.device("meta"), _default_dtype(dtype):
+        if parallel is None or parallel.world_size == 1:
+            return cls(args, attn_impl)
+        try:
+            return cls(args, attn_impl, parallel=parallel)
+        except TypeError:
+            raise ValueError(f"model_type {args.model_type!r} does not support tensor parallelism yet") from None
+
+
 def load_model(path: str | Path, dtype: torch.dtype, device: torch.device, attn_impl: str = "absorb",
-               progress: bool = True) -> tuple[nn.Module, ModelArgs]:
-    """Build the model for `path`'s config.json on the meta device and fill it from the checkpoint."""
+               progress: bool = True, parallel: ParallelState | None = None) -> tuple[nn.Module, ModelArgs]:
+    """Build the model for `path`'s config.json on the meta device and fill it from the checkpoint (only this
+    rank's part under `parallel`)."""
     path, cfg = read_config(path)
     args = ModelArgs.from_hf_config(cfg)
-    with torch.device("meta"), _default_dtype(dtype):
-        model = model_class(args)(args, attn_impl)
+    model = build_model(args, dtype, attn_impl, parallel)
     block = args.quant.block_size if args.quant else (128, 128)
-    load_weights(model, path, args.n_layers, device, block, progress)
+    load_weights(model, path, args.n_layers, device, block, progress, parallel)
     return model.eval(), args

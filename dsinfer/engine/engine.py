@@ -8,12 +8,14 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import load_model, read_config
+from ..checkpoint import read_config
 from ..config import EngineConfig
 from ..kernels.mla_triton import triton_available
 from ..models import ModelArgs
 from ..models.layers import set_fp8_impl
 from ..models.mla import set_attn_backend
+from ..models.moe import set_moe_backend
+from ..parallel import ParallelState
 from ..sampling import Sampler, SamplingParams, TokenLogprobs, compute_logprobs
 from ..tokenizer import IncrementalDetokenizer, Tokenizer
 from .block_manager import BlockManager
@@ -21,6 +23,7 @@ from .kv_cache import KVCache, cache_bytes_per_page
 from .runner import ModelRunner
 from .scheduler import Scheduler
 from .sequence import Sequence
+from .worker import LockstepRunner, WorkerSpec
 
 
 @dataclass
@@ -40,22 +43,50 @@ class Engine:
         config = config or EngineConfig()
         path, model_config = read_config(model_path)
         tokenizer = Tokenizer.from_dir(path, model_config)
-        model, args = load_model(path, config.torch_dtype, config.torch_device, config.attn_impl, config.progress)
-        self._setup(model, args, tokenizer, config)
+        self._start(WorkerSpec(config, model_path=str(path)), tokenizer)
 
     @classmethod
     def from_model(cls, model: torch.nn.Module, args: ModelArgs, config: EngineConfig,
-                   tokenizer: Tokenizer | None = None) -> "Engine":
-        """An engine over a model built elsewhere (e.g. random weights for `dsinfer bench`). Without a
-        tokenizer, prompts must be token ids and outputs carry no text."""
+                   tokenizer: Tokenizer | None = None, parallel: ParallelState | None = None) -> "Engine":
+        """An engine over a model built elsewhere (e.g. random weights for `dsinfer bench`), of one process (or
+        this rank's part under `parallel`). Without a tokenizer, prompts must be token ids and outputs carry
+        no text."""
         engine = cls.__new__(cls)
-        engine._setup(model, args, tokenizer, config)
+        engine._setup(model, args, tokenizer, config, parallel)
         return engine
 
+    @classmethod
+    def from_random(cls, hf_config: dict, config: EngineConfig, tokenizer: Tokenizer | None = None) -> "Engine":
+        """Random weights with the shapes of an HF config (benchmarks), on config.tensor_parallel_size ranks."""
+        engine = cls.__new__(cls)
+        engine._start(WorkerSpec(config, random_config=hf_config), tokenizer)
+        return engine
+
+    def _start(self, spec: WorkerSpec, tokenizer: Tokenizer | None) -> None:
+        """Start the other ranks, if any (launch.py), build this rank's part of the model, set up."""
+        from ..launch import start
+        parallel = start(spec)
+        try:
+            model = args = error = None
+            try:
+                model, args = spec.build(parallel)
+            except Exception as e:        # every rank reports, so that all stop together
+                error = e
+            parallel.check_setup(error)
+            self._setup(model, args, tokenizer, spec.config, parallel)
+        except BaseException:
+            parallel.abort()
+            raise
+
+    def shutdown(self) -> None:
+        """Stop the other ranks of a tensor-parallel engine (also done at exit); nothing for one process."""
+        self.parallel.shutdown()
+
     def _setup(self, model: torch.nn.Module, args: ModelArgs, tokenizer: Tokenizer | None,
-               config: EngineConfig) -> None:
+               config: EngineConfig, parallel: ParallelState | None = None) -> None:
         self.config, self.model, self.args, self.tokenizer = config, model, args, tokenizer
-        self.device, self.dtype = config.torch_device, config.torch_dtype
+        self.parallel = parallel or ParallelState.single(config.torch_device)
+        self.device, self.dtype = self.parallel.device, config.torch_dtype
         self.vocab_limit = tokenizer.vocab_size if tokenizer else None
         self.eos_ids = tokenizer.eos_ids if tokenizer else set()
         set_fp8_impl(self.model, config.fp8_impl)
@@ -63,6 +94,10 @@ class Engine:
         if backend == "auto":
             backend = "triton" if self.device.type == "cuda" and triton_available() else "torch"
         set_attn_backend(self.model, backend)
+        moe_backend = config.moe_backend
+        if moe_backend == "auto":
+            moe_backend = "triton" if self.device.type == "cuda" and triton_available() else "torch"
+        set_moe_backend(self.model, moe_backend)
         self.max_model_len = config.max_model_len or self.args.max_position_embeddings
         if self.max_model_len > self.args.max_position_embeddings:
             raise ValueError(f"max_model_len {self.max_model_len} exceeds the model's max_position_embeddings "
@@ -70,7 +105,15 @@ class Engine:
         self.model.init_rope(self.max_model_len, self.device)
         self.cache = KVCache(self.args, self._num_pages(), config.page_size, self.dtype, self.device)
         self.block_manager = BlockManager(self.cache.num_pages, config.page_size, config.enable_prefix_caching)
-        self.runner = ModelRunner(self.model, self.cache, self.device)
+        if self.parallel.world_size > 1 and self.parallel.is_driver:      # sends each batch to the other ranks
+            self.runner = LockstepRunner(self.model, self.cache, self.device, self.parallel)
+        else:
+            self.runner = ModelRunner(self.model, self.cache, self.device)
+        if self.device.type == "cuda" and not config.enforce_eager:
+            if backend != "triton" or moe_backend != "triton":
+                raise ValueError("CUDA graphs need attn_backend and moe_backend 'triton' (the torch twins wait for "
+                                 "the host); use them, or set enforce_eager")
+            self.runner.capture_cuda_graphs(min(config.cuda_graph_max_batch, config.max_num_seqs), self.max_model_len)
         self.scheduler = Scheduler(config, self.block_manager)
         self.sampler = Sampler()
         self.default_generator = torch.Generator(self.device).manual_seed(config.seed)
@@ -86,7 +129,7 @@ class Engine:
             budget = free - (1 - c.gpu_memory_utilization) * total
         else:
             budget = c.cpu_cache_gib * 2**30
-        return max(0, min(int(budget // per_page), wanted))
+        return self.parallel.agree_min(max(0, min(int(budget // per_page), wanted)))   # the same on every rank
 
     # -- requests ------------------------------------------------------------------------------------------
 

@@ -18,6 +18,7 @@ class KVCache:
             raise ValueError("the KV cache budget is too small for even one page; raise cpu_cache_gib (CPU) or "
                              "gpu_memory_utilization (GPU)")
         self.num_pages, self.page_size = num_pages, page_size
+        self.scratch_page = num_pages       # one extra page, never handed out: padding rows of CUDA graphs use it
         # Rows are only read after they are written, so the pages need no initialisation.
-        self.layers = [torch.empty(num_pages, page_size, args.kv_cache_dim, dtype=dtype, device=device)
+        self.layers = [torch.empty(num_pages + 1, page_size, args.kv_cache_dim, dtype=dtype, device=device)
                        for _ in range(args.n_layers)]

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from ..models import AttentionMetadata
+from .cuda_graph import CudaGraphRunner
 from .kv_cache import KVCache
 from .sequence import Sequence
 
@@ -36,6 +37,13 @@ class ModelRunner:
     def __init__(self, model: torch.nn.Module, cache: KVCache, device: torch.device):
         self.model, self.cache, self.device = model, cache, device
         self.page_size = cache.page_size
+        self.graphs: CudaGraphRunner | None = None
+
+    def capture_cuda_graphs(self, max_batch: int, max_seq_len: int) -> None:
+        """Record decode steps of up to max_batch sequences as CUDA graphs (see cuda_graph.py)."""
+        self.graphs = CudaGraphRunner(self.model, self.cache.layers, self.cache.scratch_page, self.page_size,
+                                      max_batch, max_seq_len, self.device)
+        self.graphs.capture()
 
     def build(self, seqs: list[Sequence], num_new: list[int], all_logits: bool = False) -> StepBatch:
         """The next num_new[i] uncached tokens of each sequence."""
@@ -69,6 +77,10 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, batch: StepBatch) -> torch.Tensor:
         """Logits (float32) of each sequence's last new token, (B, V); or of every new token, (T, V)."""
+        if (batch.is_decode and self.graphs is not None
+                and self.graphs.can_run(len(batch.context_lens), max(batch.context_lens))):
+            return self.graphs.run(batch.input_ids, batch.positions, batch.slot_mapping, batch.context_lens,
+                                   batch.block_tables)
         input_ids, attn = self.metadata(batch)
         hidden = self.model(input_ids, self.cache.layers, attn)
         if not batch.all_logits and not batch.is_decode:

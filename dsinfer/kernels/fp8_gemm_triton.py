@@ -87,11 +87,30 @@ _fp8_gemm_tuned = triton.autotune(_configs(), key=["N", "K", "M_BUCKET"],
 _INTERPRET_CONFIG = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=8)
 
 
+CUBLAS_MIN_M = 64   # from here on cuBLAS's block-scaled FP8 GEMM beats the Triton kernel on an H100 (BENCHMARKS.md)
+
+
+def _cublas_block_scaled(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.Tensor):
+    """torch's block-scaled FP8 GEMM (cuBLAS, Hopper), or None where it does not apply: older torch, another
+    GPU, dims that are not multiples of 128, or the Triton interpreter."""
+    F = torch.nn.functional
+    (m, k), n = a.shape, b.shape[0]
+    if (interpreting() or not hasattr(F, "scaled_mm") or m < CUBLAS_MIN_M or k % 128 or n % 128
+            or torch.cuda.get_device_capability(a.device) != (9, 0)):
+        return None
+    from torch.nn.functional import ScalingType
+    a_s_cm = a_s.t().contiguous().t()                     # cuBLAS wants the activation scales column-major
+    return F.scaled_mm(a, b.t(), a_s_cm, ScalingType.BlockWise1x128, b_s.t(), ScalingType.BlockWise128x128,
+                       output_dtype=torch.bfloat16)
+
+
 def fp8_gemm(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.Tensor) -> torch.Tensor:
     """a: (M, K) float8_e4m3fn, a_s: (M, ceil(K/128)) float32, b: (N, K) float8_e4m3fn,
     b_s: (ceil(N/128), ceil(K/128)) float32 -> (M, N) bfloat16 = (a * a_s) @ (b * b_s)^T, float32 accumulation.
 
-    Autotuned per (N, K, M bucket); the tuning is cached on disk under TRITON_CACHE_DIR (~/.triton/cache)."""
+    From M = 64 on an H100 with 128-multiple N and K this is cuBLAS's block-scaled GEMM (faster there; Triton's
+    per-block rescaling keeps its FP8 tensor cores half idle); otherwise the Triton kernel, autotuned per
+    (N, K, M bucket) with the tuning cached on disk under TRITON_CACHE_DIR (~/.triton/cache)."""
     check_tensor("a", a, (torch.float8_e4m3fn,), dim=2)
     check_tensor("a_s", a_s, (torch.float32,), dim=2)
     check_tensor("b", b, (torch.float8_e4m3fn,), dim=2)
@@ -106,6 +125,8 @@ def fp8_gemm(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.Ten
     if tuple(b_s.shape) != (triton.cdiv(n, SCALE_BLOCK), groups):
         raise ValueError(f"b_s must be (ceil(N/128), ceil(K/128)) = {(triton.cdiv(n, SCALE_BLOCK), groups)}, "
                          f"got {tuple(b_s.shape)}")
+    if (c := _cublas_block_scaled(a, a_s, b, b_s)) is not None:
+        return c
     c = torch.empty(m, n, dtype=torch.bfloat16, device=a.device)
     if m == 0 or n == 0:
         return c

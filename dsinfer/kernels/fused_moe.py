@@ -112,16 +112,22 @@ def _moe_gemm_kernel(
     stride_am, stride_asm, stride_we, stride_wn, stride_wse, stride_wsn, stride_om,                       # strides
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GATED: tl.constexpr, A_PER_TOKEN: tl.constexpr, MUL_ROUTE: tl.constexpr, MODE: tl.constexpr,
-    DOT_FP32: tl.constexpr,
+    DENSE: tl.constexpr, ACCUMULATE: tl.constexpr, SCATTER_ADD: tl.constexpr, DOT_FP32: tl.constexpr,
 ):
     """One (tile of sorted slots, BLOCK_N output columns). MODE 0: plain, 1: FP8 weight-only, 2: FP8 block-scaled.
     GATED: out = silu(a @ w^T) * (a @ w3^T). A_PER_TOKEN: row of a = slot // top_k (else slot).
-    MUL_ROUTE: out *= route_w[slot]."""
+    MUL_ROUTE: out *= route_w[slot]. DENSE: one expert for every row (slot = token; a plain MLP).
+    ACCUMULATE: out += the result instead of out = it. SCATTER_ADD: atomically add into out's row of the slot's
+    token (the k slots of a token meet there; float32 addition order varies, by an ulp)."""
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
-    expert = tl.load(block_expert_ptr + pid_m)
-    if expert < 0:
-        return
-    slots = tl.load(slots_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
+    if DENSE:
+        expert = 0
+        slots = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    else:
+        expert = tl.load(block_expert_ptr + pid_m)
+        if expert < 0:
+            return
+        slots = tl.load(slots_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
     valid = slots < num_slots
     rows = tl.where(valid, slots // top_k if A_PER_TOKEN else slots, 0).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -177,39 +183,59 @@ def _moe_gemm_kernel(
         acc = acc / (1.0 + tl.exp(-acc)) * acc3                                      # silu(gate) * up
     if MUL_ROUTE:
         acc *= tl.load(route_w_ptr + slots, mask=valid, other=0.0)[:, None]
-    out_ptrs = out_ptr + slots[:, None].to(tl.int64) * stride_om + offs_n[None, :]
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=valid[:, None] & (offs_n[None, :] < N))
+    out_rows = slots // top_k if SCATTER_ADD else slots
+    out_ptrs = out_ptr + out_rows[:, None].to(tl.int64) * stride_om + offs_n[None, :]
+    out_mask = valid[:, None] & (offs_n[None, :] < N)
+    if SCATTER_ADD:
+        tl.atomic_add(out_ptrs, acc, mask=out_mask, sem="relaxed")
+        return
+    if ACCUMULATE:
+        acc += tl.load(out_ptrs, mask=out_mask, other=0.0).to(tl.float32)
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
-def _tiles(num_slots: int, n_local: int, mode: str) -> tuple[int, int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for this many slots per expert."""
+def _block_m(num_slots: int, n_local: int) -> int:
+    """Rows per tile (and the padding unit of each expert's run) for this many slots per expert."""
     if interpreting():
-        return 16, 32, 128 if mode != "plain" else 32, 4, 1
+        return 16
     per_expert = num_slots / max(n_local, 1)
-    if per_expert <= 16:
-        return 16, 64, 128, 4, 4
-    if per_expert <= 64:
-        return 32, 64, 128, 4, 3
-    return 64, 128, 128 if mode != "plain" else 64, 4, 3
+    return 16 if per_expert <= 16 else 32 if per_expert <= 64 else 64
 
 
-def _gemm(a, a_s, w, w_s, w3, w3_s, out, sorted_slots, block_expert, route_w, top_k, mode, gated,
-          tiles) -> None:
-    """Launch one grouped GEMM: gate/up (gated, rows of `a` per token) or down (rows per slot, routing weight)."""
-    block_m, block_n, block_k, warps, stages = tiles
+def _launch_config(block_m: int, active_tiles: int, N: int, mode: str) -> tuple[int, int, int, int]:
+    """(BLOCK_N, BLOCK_K, num_warps, num_stages). Small batches read weights: narrow column tiles until about
+    two programs run per SM (H100: 132), so every SM streams. Large batches compute: 128-wide tiles."""
+    if interpreting():
+        return 32, 128 if mode != "plain" else 32, 4, 1
+    if block_m >= 64:
+        return 128, 128 if mode != "plain" else 64, 4, 3
+    block_n = 64
+    while block_n > 16 and active_tiles * triton.cdiv(N, block_n) < 264:
+        block_n //= 2
+    return block_n, 128, 4, 4
+
+
+def _gemm(a, a_s, w, w_s, w3, w3_s, out, sorted_slots, block_expert, route_w, top_k, mode, gated, block_m,
+          active_tiles, dense=False, accumulate=False) -> None:
+    """Launch one GEMM: gate/up (gated, rows of `a` per token) or down (rows per slot, routing weight,
+    scattered into the tokens' rows); `dense` runs every row through expert 0 (a plain MLP)."""
     N, K = w.shape[1], w.shape[2]
+    block_n, block_k, warps, stages = _launch_config(block_m, active_tiles, N, mode)
     if mode == "weight_only":                     # the kernel decodes e4m3 from raw bytes
         w, w3 = w.view(torch.uint8), w3.view(torch.uint8)
-    dummy = route_w[:1]
-    a_s = dummy[None] if a_s is None else a_s
-    w_s, w3_s = (dummy[None, None], dummy[None, None]) if w_s is None else (w_s, w3_s)
-    grid = (block_expert.numel(), triton.cdiv(N, block_n))
+    rows = a.shape[0] if dense else route_w.numel()
+    grid = (triton.cdiv(rows, block_m) if dense else block_expert.numel(), triton.cdiv(N, block_n))
+    dummy = out                                   # any tensor: pointers the constexpr flags never read
     _moe_gemm_kernel[grid](
-        a, a_s, w, w_s, w3, w3_s, out, sorted_slots, block_expert, route_w,
-        N, K, route_w.numel(), top_k,
-        a.stride(0), a_s.stride(0), w.stride(0), w.stride(1), w_s.stride(0), w_s.stride(1), out.stride(0),
+        a, dummy if a_s is None else a_s, w, dummy if w_s is None else w_s, w3, dummy if w3_s is None else w3_s,
+        out, dummy if sorted_slots is None else sorted_slots, dummy if block_expert is None else block_expert,
+        dummy if route_w is None else route_w,
+        N, K, rows, top_k,
+        a.stride(0), 0 if a_s is None else a_s.stride(0), w.stride(0), w.stride(1),
+        0 if w_s is None else w_s.stride(0), 0 if w_s is None else w_s.stride(1), out.stride(0),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GATED=gated, A_PER_TOKEN=gated,
-        MUL_ROUTE=not gated, MODE=MOE_MODES.index(mode), DOT_FP32=interpreting() or a.dtype == torch.float32,
+        MUL_ROUTE=not gated and not dense, MODE=MOE_MODES.index(mode), DENSE=dense, ACCUMULATE=accumulate,
+        SCATTER_ADD=not gated and not dense, DOT_FP32=interpreting() or a.dtype == torch.float32,
         num_warps=warps, num_stages=stages)
 
 
@@ -226,8 +252,9 @@ def fused_moe(x: torch.Tensor, route_w: torch.Tensor, indices: torch.Tensor, w1:
     T, D = x.shape
     n_local, inter = w1.shape[0], w1.shape[1]
     top_k = indices.shape[1]
-    tiles = _tiles(indices.numel(), n_local, mode)
-    sorted_slots, block_expert = align_slots(indices, first, n_local, tiles[0])
+    block_m = _block_m(indices.numel(), n_local)
+    active = min(indices.numel(), n_local) + indices.numel() // block_m     # tiles that do work, about
+    sorted_slots, block_expert = align_slots(indices, first, n_local, block_m)
     route_w = route_w.float().contiguous().flatten()
     x = x.contiguous()
     a_s = None
@@ -237,13 +264,48 @@ def fused_moe(x: torch.Tensor, route_w: torch.Tensor, indices: torch.Tensor, w1:
         x = x.to(torch.bfloat16)
     h_dtype = x.dtype if mode != "block_scaled" else torch.bfloat16
     h = torch.empty(T * top_k, inter, dtype=h_dtype, device=x.device)
-    _gemm(x, a_s, w1, w1_s, w3, w3_s, h, sorted_slots, block_expert, route_w, top_k, mode, True, tiles)
+    _gemm(x, a_s, w1, w1_s, w3, w3_s, h, sorted_slots, block_expert, route_w, top_k, mode, True, block_m, active)
     h_s = None
     if mode == "block_scaled":
         h, h_s = _act_quant(h)
-    out = torch.zeros(T * top_k, D, dtype=torch.float32, device=x.device)
-    _gemm(h, h_s, w2, w2_s, w2, w2_s, out, sorted_slots, block_expert, route_w, top_k, mode, False, tiles)
-    return out.view(T, top_k, D).sum(dim=1)
+    out = torch.zeros(T, D, dtype=torch.float32, device=x.device)
+    _gemm(h, h_s, w2, w2_s, w2, w2_s, out, sorted_slots, block_expert, route_w, top_k, mode, False, block_m,
+          active)
+    return out
+
+
+def fused_mlp(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor, w1_s: torch.Tensor | None = None,
+              w2_s: torch.Tensor | None = None, w3_s: torch.Tensor | None = None, mode: str = "plain",
+              out: torch.Tensor | None = None) -> torch.Tensor:
+    """A dense SwiGLU MLP (the shared experts) through the same two kernels, every token on one "expert".
+    x: (T, D); w1, w3: (I, D), w2: (D, I), FP8 with (ceil(rows/128), ceil(cols/128)) scales in the FP8 modes.
+    Returns (T, D) float32; with `out` ((T, D) float32, e.g. the routed experts' sum) the result is added into
+    it in the down projection's epilogue, and `out` is returned."""
+    if mode not in MOE_MODES:
+        raise ValueError(f"unknown fused MoE mode {mode!r}; choose one of {', '.join(MOE_MODES)}")
+    check_device(x=x, w1=w1, w2=w2, w3=w3)
+    T, D = x.shape
+    w1, w2, w3 = w1.unsqueeze(0), w2.unsqueeze(0), w3.unsqueeze(0)
+    w1_s, w2_s, w3_s = (None if s is None else s.unsqueeze(0) for s in (w1_s, w2_s, w3_s))
+    block_m = _block_m(T, 1)
+    active = triton.cdiv(T, block_m)
+    x = x.contiguous()
+    a_s = None
+    if mode == "block_scaled":
+        x, a_s = _act_quant(x)
+    elif mode == "weight_only" and x.dtype != torch.bfloat16 and not interpreting():
+        x = x.to(torch.bfloat16)
+    h = torch.empty(T, w1.shape[1], dtype=x.dtype if mode != "block_scaled" else torch.bfloat16, device=x.device)
+    _gemm(x, a_s, w1, w1_s, w3, w3_s, h, None, None, None, 1, mode, True, block_m, active, dense=True)
+    h_s = None
+    if mode == "block_scaled":
+        h, h_s = _act_quant(h)
+    accumulate = out is not None
+    if out is None:
+        out = torch.empty(T, D, dtype=torch.float32, device=x.device)
+    _gemm(h, h_s, w2, w2_s, w2, w2_s, out, None, None, None, 1, mode, False, block_m, active, dense=True,
+          accumulate=accumulate)
+    return out
 
 
 def _act_quant(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -35,7 +35,7 @@ def _triton_jit(fn):
 @_triton_jit
 def _mla_attention_kernel(
     QL, QP, KV, BlockTables, CuSeqQ, SeqLens, Out, Lse,                       # pointers
-    H, num_splits, split_len, sm_scale_log2,                                 # sizes
+    H, num_splits, min_split_len, sm_scale_log2,                             # sizes
     stride_qlt, stride_qlh, stride_qpt, stride_qph,
     stride_kvp, stride_kvs, stride_bt,
     stride_os, stride_ot, stride_oh, stride_ls, stride_lt,                   # strides
@@ -62,6 +62,11 @@ def _mla_attention_kernel(
     h = pid_h * BLOCK_H + offs_m % BLOCK_H                      # head of each row
     row_ok = (t < q_len) & (h < H)
     pos = ctx - q_len + t                                       # last key each row may see
+    # this sequence's context is cut into up to num_splits equal ranges of at least min_split_len keys (fewer for
+    # short contexts; programs past the last range store an empty result), so one launch shape (a CUDA graph)
+    # serves every context length
+    seq_splits = tl.maximum(1, tl.minimum(num_splits, ctx // min_split_len))
+    split_len = tl.cdiv(tl.cdiv(ctx, seq_splits), BLOCK_N) * BLOCK_N
     kv_lo = s * split_len
     kv_hi = tl.minimum(ctx, kv_lo + split_len)
     kv_hi = tl.minimum(kv_hi, ctx - q_len + tl.minimum(t0 + BLOCK_T, q_len))   # causal bound of the tile
@@ -138,13 +143,16 @@ def _merge_kernel(Partial, Lse, Out, num_splits, H, stride_ps, stride_pt, stride
     tl.store(Out + t * stride_ot + h * stride_oh + offs_r, out.to(Out.dtype.element_ty), mask=offs_r < R)
 
 
+MIN_SPLIT_LEN = 1024    # keys: shorter splits spend more on writing and merging partial results than they save
+
+
 def _num_splits(num_seqs: int, head_blocks: int, max_query_len: int, max_seq_len: int) -> int:
     """Enough programs to fill the GPU when there are few rows (decode), but splits of at least 1024 keys, so
     writing and merging partial results stays small next to reading the cache; one split for prefills."""
     if max_query_len > 1:
         return 1
     want = -(-264 // (num_seqs * head_blocks))                  # about two programs per H100 SM
-    return max(1, min(want, max_seq_len // 1024, 64))
+    return max(1, min(want, max_seq_len // MIN_SPLIT_LEN, 64))
 
 
 def mla_attention(q_latent: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
@@ -185,8 +193,7 @@ def mla_attention(q_latent: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Te
     block_v = min(cfg["block_v"], block_r)
     head_blocks = -(-H // block_h) * (block_r // block_v)       # programs per token tile: heads x value chunks
     splits = num_splits or _num_splits(num_seqs, head_blocks, max_query_len, max_seq_len)
-    split_len = -(-max(max_seq_len, 1) // splits)
-    split_len = -(-split_len // block_n) * block_n
+    min_split_len = 1 if num_splits else MIN_SPLIT_LEN
     if splits > 1:
         partial = torch.empty(splits, T, H, R, dtype=torch.float32, device=q_latent.device)
         lse = torch.empty(splits, T, H, dtype=torch.float32, device=q_latent.device)
@@ -195,7 +202,7 @@ def mla_attention(q_latent: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Te
     grid = (head_blocks, -(-max_query_len // block_t), num_seqs * splits)
     _mla_attention_kernel[grid](
         q_latent, q_pe, kv_cache, block_tables, cu_seqlens_q, seq_lens, partial, lse,
-        H, splits, split_len, scale * math.log2(math.e),
+        H, splits, min_split_len, scale * math.log2(math.e),
         q_latent.stride(0), q_latent.stride(1), q_pe.stride(0), q_pe.stride(1),
         kv_cache.stride(0), kv_cache.stride(1), block_tables.stride(0),
         partial.stride(0), partial.stride(1), partial.stride(2), lse.stride(0), lse.stride(1),

@@ -114,7 +114,8 @@ class ModelArgs:
         """Build from a parsed `config.json`; raises ValueError naming what is wrong and what is allowed."""
         model_type = cfg.get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
-            hint = " (DeepSeek-V4 and V3.2 are not supported yet)" if str(model_type).startswith("deepseek") else ""
+            hint = " (V3.2 is not supported yet; DeepSeek-V4 reads through ModelArgsV4)" if str(model_type).startswith(
+                "deepseek") else ""
             raise ValueError(f"unsupported model_type {model_type!r}{hint}; "
                              f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
         d = {**_DEFAULTS[model_type], **{k: v for k, v in cfg.items() if v is not None}}

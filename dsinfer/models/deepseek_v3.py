@@ -9,22 +9,25 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..parallel import ParallelState
 from .args import ModelArgs
 from .batch import AttentionMetadata
-from .layers import MLP, Embedding, Linear, RMSNorm
+from .layers import MLP, ColumnParallelLinear, Embedding, RMSNorm
 from .mla import MLA
 from .moe import MoE
 from .rope import rope_cos_sin
 
 
 class Block(nn.Module):
-    def __init__(self, layer_id: int, args: ModelArgs, attn_impl: str = "absorb"):
+    def __init__(self, layer_id: int, args: ModelArgs, attn_impl: str = "absorb",
+                 parallel: ParallelState | None = None):
         super().__init__()
         block = args.quant.block_size if args.quant else (128, 128)
         self.attn_norm = RMSNorm(args.dim, args.norm_eps)
-        self.attn = MLA(args, attn_impl)
+        self.attn = MLA(args, attn_impl, parallel)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
-        self.ffn = MoE(args) if args.is_moe_layer(layer_id) else MLP(args.dim, args.inter_dim, block)
+        self.ffn = (MoE(args, parallel) if args.is_moe_layer(layer_id)
+                    else MLP(args.dim, args.inter_dim, block, parallel))
 
     def forward(self, x: torch.Tensor, cos_sin: torch.Tensor, kv_cache: torch.Tensor,
                 attn: AttentionMetadata) -> torch.Tensor:
@@ -33,13 +36,15 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    def __init__(self, args: ModelArgs, attn_impl: str = "absorb"):
+    def __init__(self, args: ModelArgs, attn_impl: str = "absorb", parallel: ParallelState | None = None):
+        """`parallel`: this process's slice under tensor and expert parallelism (None: the whole model)."""
         super().__init__()
         self.args = args
-        self.embed = Embedding(args.vocab_size, args.dim)
-        self.layers = nn.ModuleList(Block(i, args, attn_impl) for i in range(args.n_layers))
+        self.parallel = parallel or ParallelState.single()
+        self.embed = Embedding(args.vocab_size, args.dim, parallel)
+        self.layers = nn.ModuleList(Block(i, args, attn_impl, parallel) for i in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
-        self.head = Linear(args.dim, args.vocab_size)
+        self.head = ColumnParallelLinear(args.dim, args.vocab_size, parallel, gather_output=True)   # logits gathered
         self.rope_table: torch.Tensor | None = None   # (max_positions, rope/2, 2) float32, set by init_rope
 
     def init_rope(self, max_positions: int, device: torch.device) -> None:

@@ -1,5 +1,6 @@
 """Building blocks shared by the DeepSeek models: RMSNorm, linear layers (model dtype or FP8 block-scaled),
-the embedding and the SwiGLU MLP."""
+the embedding and the SwiGLU MLP, with their tensor-parallel forms (column- and row-parallel linear layers, a
+vocabulary-parallel embedding) driven by a `ParallelState`; with one process they are the plain layers."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from torch import nn
 
 from ..kernels import weight_dequant_torch
 from ..kernels.triton_common import interpreting
+from ..parallel import ParallelState
 
 
 # How FP8 weights are multiplied:
@@ -98,6 +100,37 @@ class Linear(nn.Module):
         return weight_dequant_torch(self.weight, self.scale, self.block_size, dtype)
 
 
+class ColumnParallelLinear(Linear):
+    """Output features split across ranks: this rank holds rows [r*N/n, (r+1)*N/n) of the weight and computes
+    those outputs. With `gather_output` the slices are gathered into the whole output (the LM head's logits)."""
+
+    def __init__(self, in_features: int, out_features: int, parallel: ParallelState | None = None,
+                 block_size: tuple[int, int] = (128, 128), gather_output: bool = False):
+        parallel = parallel or ParallelState.single()
+        super().__init__(in_features, parallel.split(out_features, "out_features"), block_size)
+        self.parallel, self.gather_output = parallel, gather_output
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = super().forward(x)                                                 # (..., N/n)
+        return self.parallel.all_gather(y, -1) if self.gather_output else y
+
+
+class RowParallelLinear(Linear):
+    """Input features split across ranks: this rank holds columns [r*K/n, (r+1)*K/n) and multiplies its slice of
+    x. The partial products are summed over the ranks, unless `reduce=False`: then the caller sums once after
+    adding other partial sums (the MoE adds routed and shared experts first)."""
+
+    def __init__(self, in_features: int, out_features: int, parallel: ParallelState | None = None,
+                 block_size: tuple[int, int] = (128, 128), reduce: bool = True):
+        parallel = parallel or ParallelState.single()
+        super().__init__(parallel.split(in_features, "in_features"), out_features, block_size)
+        self.parallel, self.reduce = parallel, reduce
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = super().forward(x)
+        return self.parallel.all_reduce(y) if self.reduce else y
+
+
 class RMSNorm(nn.Module):
     """y = w * x / sqrt(mean(x^2) + eps), computed in float32 (weight included) and rounded once."""
 
@@ -107,28 +140,45 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim, dtype=torch.float32), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda:                  # one fused launch instead of seven (the twin is the formula below)
+            from ..kernels.norm_rope_triton import rms_norm
+            return rms_norm(x, self.weight, self.eps)
         xf = x.float()
         y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
         return y.to(x.dtype)
 
 
 class Embedding(nn.Module):
-    def __init__(self, vocab_size: int, dim: int):
+    """Token embedding. Under tensor parallelism each rank holds a contiguous 1/n of the vocabulary; ids outside
+    it give zero rows, and the sum over the ranks is the embedding."""
+
+    def __init__(self, vocab_size: int, dim: int, parallel: ParallelState | None = None):
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(vocab_size, dim), requires_grad=False)
+        self.parallel = parallel or ParallelState.single()
+        self.part = self.parallel.split(vocab_size, "vocab_size")
+        self.start = self.parallel.rank * self.part
+        self.weight = nn.Parameter(torch.empty(self.part, dim), requires_grad=False)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return F.embedding(ids, self.weight)
+        if self.parallel.world_size == 1:
+            return F.embedding(ids, self.weight)
+        local = ids - self.start
+        outside = (local < 0) | (local >= self.part)
+        y = F.embedding(local.masked_fill(outside, 0), self.weight).masked_fill(outside.unsqueeze(-1), 0)
+        return self.parallel.all_reduce(y)                                      # (T, D)
 
 
 class MLP(nn.Module):
-    """SwiGLU: w2(silu(w1 x) * w3 x); the product is formed in float32. Dense layers and shared experts."""
+    """SwiGLU: w2(silu(w1 x) * w3 x); the product is formed in float32. Dense layers and shared experts.
+    Under tensor parallelism the width is split (w1, w3 by rows, w2 by columns); `reduce=False` leaves the
+    sum over the ranks to the caller."""
 
-    def __init__(self, dim: int, inter_dim: int, block_size: tuple[int, int] = (128, 128)):
+    def __init__(self, dim: int, inter_dim: int, block_size: tuple[int, int] = (128, 128),
+                 parallel: ParallelState | None = None, reduce: bool = True):
         super().__init__()
-        self.w1 = Linear(dim, inter_dim, block_size)   # gate_proj
-        self.w2 = Linear(inter_dim, dim, block_size)   # down_proj
-        self.w3 = Linear(dim, inter_dim, block_size)   # up_proj
+        self.w1 = ColumnParallelLinear(dim, inter_dim, parallel, block_size)            # gate_proj
+        self.w2 = RowParallelLinear(inter_dim, dim, parallel, block_size, reduce)       # down_proj
+        self.w3 = ColumnParallelLinear(dim, inter_dim, parallel, block_size)            # up_proj
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2((F.silu(self.w1(x).float()) * self.w3(x).float()).to(x.dtype))

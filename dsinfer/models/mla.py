@@ -4,6 +4,10 @@ values through a shared 512-dim latent plus one 64-dim rotary key; the cache hol
 Two mathematically equal forms (see the spec, section 2.4):
 - absorbed (default): W_UK folds into the query and W_UV into the output, attention runs in latent space;
 - naive (test oracle): every cached latent is expanded into per-head keys and values.
+
+Under tensor parallelism each rank runs n_heads / n of the heads (wq / wq_b and wkv_b split by rows, wo by
+columns, summed over the ranks). The latent projection wkv_a is not split, so every rank writes the same latent
+into its own cache.
 """
 
 from __future__ import annotations
@@ -16,7 +20,8 @@ from ..kernels.cache_write import store_latent, store_latent_torch
 from ..kernels.mla_triton import mla_attention as mla_attention_triton
 from .args import ModelArgs
 from .batch import AttentionMetadata
-from .layers import Linear, RMSNorm
+from ..parallel import ParallelState
+from .layers import ColumnParallelLinear, Linear, RMSNorm, RowParallelLinear
 from .rope import apply_rotary
 
 ATTN_IMPLS = ("absorb", "naive")
@@ -33,13 +38,14 @@ def set_attn_backend(model: nn.Module, backend: str) -> None:
 
 
 class MLA(nn.Module):
-    def __init__(self, args: ModelArgs, attn_impl: str = "absorb"):
+    def __init__(self, args: ModelArgs, attn_impl: str = "absorb", parallel: ParallelState | None = None):
         super().__init__()
+        parallel = parallel or ParallelState.single()
         if attn_impl not in ATTN_IMPLS:
             raise ValueError(f"unknown attention implementation {attn_impl!r}; choose one of {ATTN_IMPLS}")
         self.attn_impl = attn_impl
         self.attn_backend = "torch"
-        self.n_heads = args.n_heads
+        self.n_heads = parallel.split(args.n_heads, "num_attention_heads")    # this rank's heads
         self.q_lora_rank = args.q_lora_rank
         self.kv_lora_rank = args.kv_lora_rank
         self.qk_nope_head_dim, self.qk_rope_head_dim = args.qk_nope_head_dim, args.qk_rope_head_dim
@@ -48,15 +54,16 @@ class MLA(nn.Module):
         block = args.quant.block_size if args.quant else (128, 128)
         qk_head_dim = args.qk_head_dim
         if self.q_lora_rank == 0:
-            self.wq = Linear(args.dim, self.n_heads * qk_head_dim, block)
+            self.wq = ColumnParallelLinear(args.dim, args.n_heads * qk_head_dim, parallel, block)
         else:
             self.wq_a = Linear(args.dim, self.q_lora_rank, block)
             self.q_norm = RMSNorm(self.q_lora_rank, args.norm_eps)
-            self.wq_b = Linear(self.q_lora_rank, self.n_heads * qk_head_dim, block)
+            self.wq_b = ColumnParallelLinear(self.q_lora_rank, args.n_heads * qk_head_dim, parallel, block)
         self.wkv_a = Linear(args.dim, self.kv_lora_rank + self.qk_rope_head_dim, block)
         self.kv_norm = RMSNorm(self.kv_lora_rank, args.norm_eps)
-        self.wkv_b = Linear(self.kv_lora_rank, self.n_heads * (self.qk_nope_head_dim + self.v_head_dim), block)
-        self.wo = Linear(self.n_heads * self.v_head_dim, args.dim, block)
+        self.wkv_b = ColumnParallelLinear(self.kv_lora_rank, args.n_heads * (self.qk_nope_head_dim + self.v_head_dim),
+                                          parallel, block)
+        self.wo = RowParallelLinear(args.n_heads * self.v_head_dim, args.dim, parallel, block)
         self._wkv_b_dense: torch.Tensor | None = None     # dequantized FP8 kv_b, made on first use
 
     def _wkv_b(self, dtype: torch.dtype) -> torch.Tensor:
@@ -75,13 +82,17 @@ class MLA(nn.Module):
         q = self.wq(x) if self.q_lora_rank == 0 else self.wq_b(self.q_norm(self.wq_a(x)))
         q = q.view(T, self.n_heads, -1)                                       # (T, H, nope + rope)
         q_nope, q_pe = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
-        q_pe = apply_rotary(q_pe, cos_sin)
+        triton_backend = self.attn_backend == "triton"
+        if triton_backend:
+            from ..kernels.norm_rope_triton import rotary as rotate
+        else:
+            rotate = apply_rotary
+        q_pe = rotate(q_pe, cos_sin)
 
         kv = self.wkv_a(x)                                                    # (T, kv_lora + rope)
         c, k_pe = kv.split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
         c = self.kv_norm(c)
-        k_pe = apply_rotary(k_pe.unsqueeze(1), cos_sin).squeeze(1)
-        triton_backend = self.attn_backend == "triton"
+        k_pe = rotate(k_pe.unsqueeze(1), cos_sin).squeeze(1)
         (store_latent if triton_backend else store_latent_torch)(kv_cache, attn.slot_mapping, c, k_pe)
 
         wkv_b = self._wkv_b(x.dtype).view(self.n_heads, -1, self.kv_lora_rank)   # (H, nope + v, R)

@@ -7,8 +7,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..kernels.moe_gate_triton import route_torch
+from ..parallel import ParallelState
 from .args import ModelArgs
-from .layers import MLP, linear
+from .layers import MLP, linear, resolve_fp8_impl
 
 
 class Gate(nn.Module):
@@ -26,44 +28,90 @@ class Gate(nn.Module):
         self.topk = args.n_activated_experts
         self.n_groups, self.topk_groups = args.n_expert_groups, args.n_limited_groups
         self.score_func, self.norm_topk_prob, self.route_scale = args.score_func, args.norm_topk_prob, args.route_scale
-        self.weight = nn.Parameter(torch.empty(args.n_routed_experts, args.dim), requires_grad=False)
+        self.weight = nn.Parameter(torch.empty(args.n_routed_experts, args.dim, dtype=torch.float32),
+                                   requires_grad=False)
         if args.has_gate_bias:
             self.bias = nn.Parameter(torch.zeros(args.n_routed_experts, dtype=torch.float32), requires_grad=False)
         else:
             self.register_parameter("bias", None)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = F.linear(x.float(), self.weight.float())                       # (T, E)
-        scores = logits.softmax(dim=-1) if self.score_func == "softmax" else logits.sigmoid()
-        choice = scores if self.bias is None else scores + self.bias
-        if self.n_groups > 1:
-            grouped = choice.view(x.shape[0], self.n_groups, -1)                  # (T, G, E/G)
-            if self.bias is None:
-                group_scores = grouped.amax(dim=-1)
-            else:
-                group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)
-            kept = group_scores.topk(self.topk_groups, dim=-1).indices            # (T, topk_groups)
-            dropped = torch.ones_like(group_scores, dtype=torch.bool).scatter_(1, kept, False)
-            choice = grouped.masked_fill(dropped.unsqueeze(-1), float("-inf")).flatten(1)
-        indices = choice.topk(self.topk, dim=-1).indices
-        weights = scores.gather(1, indices)
-        if self.norm_topk_prob:
-            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
-        return weights * self.route_scale, indices
+        logits = F.linear(x.float(), self.weight)                              # (T, E) float32
+        if logits.is_cuda:          # one launch for everything after the logits
+            from ..kernels.moe_gate_triton import route
+        else:
+            route = route_torch
+        return route(logits, self.bias, self.n_groups, self.topk_groups, self.topk, self.score_func,
+                     self.norm_topk_prob, self.route_scale)
+
+
+MOE_BACKENDS = ("torch", "triton")    # who runs the routed experts: a loop over experts, or the fused kernel
+
+
+def set_moe_backend(model: nn.Module, backend: str) -> None:
+    """Run the routed experts of every MoE layer of `model` with the per-expert loop or the fused Triton kernel."""
+    if backend not in MOE_BACKENDS:
+        raise ValueError(f"unknown MoE backend {backend!r}; choose one of {', '.join(MOE_BACKENDS)}")
+    for m in model.modules():
+        if isinstance(m, Experts):
+            m.backend = backend
 
 
 class Experts(nn.Module):
-    """The routed experts of one layer, stacked: w1/w3 (E, I, D), w2 (E, D, I); FP8 scales `w*_scale` if quantized."""
+    """Routed experts [first, first + n_local) of one layer (all of them without expert parallelism), stacked:
+    w1/w3 (n_local, I, D), w2 (n_local, D, I); FP8 scales `w*_scale` if quantized."""
 
-    def __init__(self, n_experts: int, dim: int, inter_dim: int, block_size: tuple[int, int] = (128, 128)):
+    def __init__(self, n_experts: int, dim: int, inter_dim: int, block_size: tuple[int, int] = (128, 128),
+                 first: int = 0, n_local: int | None = None):
         super().__init__()
         self.n_experts, self.block_size = n_experts, block_size
+        self.first, self.n_local = first, n_experts if n_local is None else n_local
         self.fp8_impl = "auto"
-        self.w1 = nn.Parameter(torch.empty(n_experts, inter_dim, dim), requires_grad=False)   # gate_proj
-        self.w2 = nn.Parameter(torch.empty(n_experts, dim, inter_dim), requires_grad=False)   # down_proj
-        self.w3 = nn.Parameter(torch.empty(n_experts, inter_dim, dim), requires_grad=False)   # up_proj
+        self.backend = "torch"
+        self.w1 = nn.Parameter(torch.empty(self.n_local, inter_dim, dim), requires_grad=False)   # gate_proj
+        self.w2 = nn.Parameter(torch.empty(self.n_local, dim, inter_dim), requires_grad=False)   # down_proj
+        self.w3 = nn.Parameter(torch.empty(self.n_local, inter_dim, dim), requires_grad=False)   # up_proj
         for name in ("w1_scale", "w2_scale", "w3_scale"):
             self.register_parameter(name, None)
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """x: (T, D); weights, indices: (T, k) from the Gate -> (T, D) float32, the weighted sum of this rank's
+        experts' outputs (slots routed to other ranks' experts add nothing)."""
+        if self.backend == "triton":
+            from ..kernels.fused_moe import fused_moe
+            return fused_moe(x, weights, indices, self.w1, self.w2, self.w3, self.w1_scale, self.w2_scale,
+                             self.w3_scale, self.first, self.fused_mode(indices.numel(), x.device))
+        return self._loop(x, weights, indices)
+
+    def fused_mode(self, num_slots: int, device: torch.device, scaled: bool | None = None,
+                   n_local: int | None = None) -> str:
+        """The fused kernel's mode: plain for unquantized weights; for FP8 block_scaled where fp8_impl picks FP8
+        tensor cores, except that "auto" keeps weight-only while each expert sees few tokens (reading weights
+        dominates; no activation quantization). `scaled`/`n_local` describe other weights (the shared MLP)."""
+        if not (self.w1_scale is not None if scaled is None else scaled):
+            return "plain"
+        impl = resolve_fp8_impl(self.fp8_impl, device, self.block_size)
+        if impl == "fp8_gemm" and (self.fp8_impl != "auto" or num_slots > 16 * (n_local or self.n_local)):
+            return "block_scaled"
+        return "weight_only"
+
+    def _loop(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """The per-expert loop (CPU, and the fused kernel's oracle): slots sorted by expert once, so the host waits
+        for the device once per layer (the expert counts), not once per expert."""
+        flat = indices.flatten() - self.first
+        flat = torch.where((flat >= 0) & (flat < self.n_local), flat, self.n_local)
+        order = flat.argsort(stable=True)                                     # slots grouped by expert
+        token, weight = order // indices.shape[1], weights.flatten()[order]
+        counts = torch.bincount(flat, minlength=self.n_local + 1).tolist()
+        y = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
+        start = 0
+        for e, count in enumerate(counts[:self.n_local]):
+            if count:
+                rows = token[start:start + count]
+                out = self.expert_forward(e, x[rows]).float() * weight[start:start + count, None]
+                y.index_add_(0, rows, out)
+            start += count
+        return y
 
     def _linear(self, x: torch.Tensor, name: str, e: int) -> torch.Tensor:
         scale = getattr(self, f"{name}_scale")
@@ -71,35 +119,35 @@ class Experts(nn.Module):
                       getattr(self, "act_scale_fmt", None))
 
     def expert_forward(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        """SwiGLU of expert e on x (n, D) -> (n, D)."""
+        """SwiGLU of local expert e on x (n, D) -> (n, D)."""
         h = F.silu(self._linear(x, "w1", e).float()) * self._linear(x, "w3", e).float()
         return self._linear(h.to(x.dtype), "w2", e)
 
 
 class MoE(nn.Module):
-    def __init__(self, args: ModelArgs):
+    """Under parallelism the router runs whole on every rank, each rank holds E/n routed experts and 1/n of the
+    shared experts' width, and one all-reduce sums routed and shared partial outputs."""
+
+    def __init__(self, args: ModelArgs, parallel: ParallelState | None = None):
         super().__init__()
+        self.parallel = parallel or ParallelState.single()
         block = args.quant.block_size if args.quant else (128, 128)
         self.gate = Gate(args)
-        self.experts = Experts(args.n_routed_experts, args.dim, args.moe_inter_dim, block)
-        self.shared_experts = MLP(args.dim, args.n_shared_experts * args.moe_inter_dim, block)
+        n_local = self.parallel.split(args.n_routed_experts, "n_routed_experts")
+        self.experts = Experts(args.n_routed_experts, args.dim, args.moe_inter_dim, block,
+                               first=self.parallel.rank * n_local, n_local=n_local)
+        self.shared_experts = MLP(args.dim, args.n_shared_experts * args.moe_inter_dim, block, self.parallel,
+                                  reduce=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (T, D) -> (T, D). Routed outputs are weighted and summed in float32, then the shared MLP is added.
-        Token slots are sorted by expert once, so the host waits for the GPU once per layer (the expert counts),
-        not once per expert."""
+        """x: (T, D) -> (T, D). Routed outputs are weighted and summed in float32, then the shared MLP is added."""
         weights, indices = self.gate(x)                                       # (T, k), (T, k)
-        flat = indices.flatten()
-        order = flat.argsort(stable=True)                                     # slots grouped by expert
-        token, weight = order // indices.shape[1], weights.flatten()[order]
-        counts = torch.bincount(flat, minlength=self.experts.n_experts).tolist()
-        y = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
-        start = 0
-        for e, count in enumerate(counts):
-            if count == 0:
-                continue
-            rows = token[start:start + count]
-            out = self.experts.expert_forward(e, x[rows]).float() * weight[start:start + count, None]
-            y.index_add_(0, rows, out)
-            start += count
-        return (y + self.shared_experts(x).float()).to(x.dtype)
+        y = self.experts(x, weights, indices)
+        if self.experts.backend == "triton":      # the shared MLP adds itself into y in its last kernel
+            from ..kernels.fused_moe import fused_mlp
+            s = self.shared_experts
+            mode = self.experts.fused_mode(x.shape[0], x.device, scaled=s.w1.scale is not None, n_local=1)
+            y = fused_mlp(x, s.w1.weight, s.w2.weight, s.w3.weight, s.w1.scale, s.w2.scale, s.w3.scale, mode, out=y)
+        else:
+            y = y + self.shared_experts(x).float()
+        return self.parallel.all_reduce(y.to(x.dtype))

@@ -45,6 +45,9 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     e.add_argument("--cpu-cache-gib", type=float, default=1.0, help="KV-cache budget on CPU (default: 1 GiB)")
     e.add_argument("--attn-impl", default="absorb", choices=["absorb", "naive"])
     e.add_argument("--attn-backend", default="auto", choices=["auto", "torch", "triton"])
+    e.add_argument("--enforce-eager", action="store_true", help="GPU: run decode steps eagerly, without CUDA graphs")
+    e.add_argument("--tp", type=int, default=1, metavar="N",
+                   help="split the model over N processes, one GPU each (gloo on CPU); torchrun: its WORLD_SIZE")
     e.add_argument("--no-prefix-caching", action="store_true", help="do not reuse cached prompt prefixes")
     e.add_argument("--seed", type=int, default=0, help="seed for requests that give none (default: 0)")
     e.add_argument("--random-weights", metavar="CONFIG",
@@ -74,18 +77,17 @@ def cmd_serve(args) -> int:
         device=args.device, dtype=args.dtype, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, page_size=args.page_size,
         gpu_memory_utilization=args.gpu_memory_utilization, cpu_cache_gib=args.cpu_cache_gib,
-        attn_impl=args.attn_impl, attn_backend=args.attn_backend,
+        attn_impl=args.attn_impl, attn_backend=args.attn_backend, enforce_eager=args.enforce_eager,
+        tensor_parallel_size=args.tp,
         enable_prefix_caching=not args.no_prefix_caching, seed=args.seed, progress=sys.stderr.isatty())
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
     engine = engine_config
     if args.random_weights:
-        from ..bench import bench_config, random_model
+        from ..bench import bench_config
         from ..engine import Engine
-        from ..models import ModelArgs
         from ..tokenizer import Tokenizer
-        margs = ModelArgs.from_hf_config(bench_config(args.random_weights, args.layers))
-        weights = random_model(margs, engine_config.torch_dtype, engine_config.torch_device)
-        engine = Engine.from_model(weights, margs, engine_config, Tokenizer.from_dir(model))
+        engine = Engine.from_random(bench_config(args.random_weights, args.layers), engine_config,
+                                    Tokenizer.from_dir(model))
     app = create_app(engine, server_config, model)
     config = uvicorn.Config(app, host=server_config.host, port=server_config.port, log_level=args.log_level,
                             timeout_graceful_shutdown=server_config.graceful_shutdown_s)

@@ -66,7 +66,7 @@ def test_names_round_trip(checkpoint):
     ("fp8_without_scale", "weight_scale_inv is missing"),
     ("bad_scale_shape", "expected [1, 1]"),
     ("no_tokenizer", "no tokenizer.json"),
-    ("unsupported_type", "unsupported model_type 'deepseek_v4'"),
+    ("unsupported_type", "unsupported model_type 'deepseek_v32'"),
 ])
 def test_broken_checkpoints(breakage, message, tmp_path, checkpoint):
     path = copy_checkpoint(checkpoint("v3"), tmp_path / "ckpt")
@@ -103,7 +103,7 @@ def test_broken_checkpoints(breakage, message, tmp_path, checkpoint):
         (path / "tokenizer.json").unlink()
     elif breakage == "unsupported_type":
         cfg = json.loads((path / "config.json").read_text())
-        (path / "config.json").write_text(json.dumps(dict(cfg, model_type="deepseek_v4")))
+        (path / "config.json").write_text(json.dumps(dict(cfg, model_type="deepseek_v32")))
     with pytest.raises(ValueError) as e:
         LLM(path, device="cpu", dtype="float32", progress=False)
     assert message in str(e.value)

@@ -120,3 +120,12 @@ def test_bad_requests(prompt, params, message, checkpoint):
         llm.generate([prompt], params)
     assert message in str(e.value)
     assert not llm.engine.has_unfinished()
+
+
+def test_fused_moe_engine_equals_expert_loop(checkpoint):
+    """The fused Triton MoE (interpreter on CPU) through the whole engine gives the per-expert loop's tokens."""
+    prompts = [[0] + list(range(20, 20 + n)) for n in (3, 11)]
+    params = SamplingParams(max_tokens=6, **GREEDY)
+    runs = [LLM(checkpoint("v2"), device="cpu", dtype="float32", progress=False, moe_backend=b).generate(
+        prompts, params) for b in ("torch", "triton")]
+    assert [o.token_ids for o in runs[0]] == [o.token_ids for o in runs[1]]

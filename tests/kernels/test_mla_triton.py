@@ -64,6 +64,15 @@ def test_attention_equals_twin(case, page_size, splits):
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
+def test_attention_with_an_overstated_max_seq_len():
+    """CUDA graphs launch with max_seq_len = the model's limit: splits follow each sequence's real length."""
+    context_lens, new_tokens = [3, 2100, 1030], [1, 1, 1]
+    ql, qp, kv, tables, starts = paged_batch(context_lens, new_tokens, 64, 2, 32, 16, torch.float32)
+    ref = mla_attention_torch(ql, qp, kv, tables, starts, context_lens, 0.25)
+    out = mla_attention(ql, qp, kv, tables, i32(starts), i32(context_lens), 0.25, 1, 65536)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
 # Triton 3.6's interpreter computes bf16 tl.dot wrongly (a plain 16x16 bf16 dot is off by 1e10 there), so on
 # CPU the half-precision path is checked in float16, which runs the same kernel code; bf16 runs on the GPU.
 HALF = torch.bfloat16 if torch.cuda.is_available() else torch.float16

@@ -9,7 +9,7 @@ from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2TopkR
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3TopkRouter
 
 from dsinfer.models import ModelArgs
-from dsinfer.models.moe import Gate, MoE
+from dsinfer.models.moe import Gate, MoE, set_moe_backend
 
 BASE = dict(vocab_size=64, hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=2,
             num_attention_heads=2, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8,
@@ -64,10 +64,12 @@ def test_group_mask_is_minus_inf_not_zero():
     torch.testing.assert_close(w, torch.full((3, 4), 2.5 / 4))  # unbiased scores, renormalised, scaled
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("case", ["v2 group-limited", "v3 noaux_tc"])
-def test_moe_equals_per_token_loop(case):
+def test_moe_equals_per_token_loop(case, backend):
     args, _, _ = make(case)
     moe = MoE(args)
+    set_moe_backend(moe, backend)
     torch.manual_seed(2)
     for p in moe.parameters():
         p.data = torch.randn_like(p) * 0.2
@@ -84,3 +86,9 @@ def test_moe_equals_per_token_loop(case):
         s = moe.shared_experts
         ref += s.w2.weight @ (F.silu(s.w1.weight @ x[t]) * (s.w3.weight @ x[t]))
         torch.testing.assert_close(y[t], ref, rtol=1e-4, atol=1e-5)
+
+
+def test_unknown_moe_backend_is_refused():
+    args, _, _ = make("v3 noaux_tc")
+    with pytest.raises(ValueError, match="choose one of torch, triton"):
+        set_moe_backend(MoE(args), "cutlass")

@@ -1,0 +1,108 @@
+"""MoE routing after the router's logits, in one launch per batch: scores (softmax or sigmoid), the correction
+bias, group-limited selection, top-k, renormalisation and the route scale.
+
+PyTorch spends a dozen launches on this (softmax, two top-k passes, gathers, masks); the kernel takes one token
+per program and finds the top-k by repeated arg-max, so ties go to the lower expert id, as `torch.topk` does on
+these inputs in practice (exact ties do not occur with real logits). Twin: `route_torch`.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .triton_common import check_device
+
+
+def route_torch(logits: torch.Tensor, bias: torch.Tensor | None, n_groups: int, topk_groups: int, topk: int,
+                score_func: str, norm_topk_prob: bool, route_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits: (T, E) float32 -> weights (T, k) float32, indices (T, k) int64 (see models.moe.Gate)."""
+    scores = logits.softmax(dim=-1) if score_func == "softmax" else logits.sigmoid()
+    choice = scores if bias is None else scores + bias
+    if n_groups > 1:
+        grouped = choice.view(logits.shape[0], n_groups, -1)                   # (T, G, E/G)
+        if bias is None:
+            group_scores = grouped.amax(dim=-1)
+        else:
+            group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)
+        kept = group_scores.topk(topk_groups, dim=-1).indices                  # (T, topk_groups)
+        dropped = torch.ones_like(group_scores, dtype=torch.bool).scatter_(1, kept, False)
+        choice = grouped.masked_fill(dropped.unsqueeze(-1), float("-inf")).flatten(1)
+    indices = choice.topk(topk, dim=-1).indices
+    weights = scores.gather(1, indices)
+    if norm_topk_prob:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    return weights * route_scale, indices
+
+
+@triton.jit
+def _route_kernel(logits_ptr, bias_ptr, weights_ptr, indices_ptr, n_groups, per_group, stride_l, route_scale,
+                  TOPK: tl.constexpr, G: tl.constexpr, TOPK_G: tl.constexpr, PER_G: tl.constexpr,
+                  SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr, NORM: tl.constexpr, BLOCK_K: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    g = tl.arange(0, G)
+    j = tl.arange(0, PER_G)
+    e = g[:, None] * per_group + j[None, :]                                    # (G, E/G) expert ids, padded
+    ok = (g[:, None] < n_groups) & (j[None, :] < per_group)
+    z = tl.load(logits_ptr + t * stride_l + e, mask=ok, other=float("-inf"))
+    if SIGMOID:
+        scores = tl.sigmoid(z)
+    else:
+        z = z - tl.max(tl.max(z, 1), 0)
+        p = tl.exp(z)
+        scores = p / tl.sum(tl.sum(p, 1), 0)
+    choice = scores
+    if HAS_BIAS:
+        choice = scores + tl.load(bias_ptr + e, mask=ok, other=0.0)
+    choice = tl.where(ok, choice, float("-inf"))
+    if G > 1:
+        best = tl.max(choice, 1)                                               # (G,)
+        if HAS_BIAS:                                                           # sum of each group's top two
+            first = tl.argmax(choice, 1)
+            second = tl.max(tl.where(j[None, :] == first[:, None], float("-inf"), choice), 1)
+            best = best + second
+        kept = tl.zeros([G], tl.int1)
+        for _ in tl.static_range(TOPK_G):
+            pick = tl.argmax(tl.where(kept, float("-inf"), best), 0)
+            kept = kept | (g == pick)
+        choice = tl.where(kept[:, None], choice, float("-inf"))
+    slots = tl.arange(0, BLOCK_K)
+    out_w = tl.zeros([BLOCK_K], tl.float32)
+    out_i = tl.zeros([BLOCK_K], tl.int64)
+    flat_choice = tl.reshape(choice, [G * PER_G])
+    flat_scores = tl.reshape(scores, [G * PER_G])
+    flat_e = tl.reshape(e, [G * PER_G])
+    ids = tl.arange(0, G * PER_G)
+    for i in tl.static_range(TOPK):
+        pick = tl.argmax(flat_choice, 0)
+        w = tl.sum(tl.where(ids == pick, flat_scores, 0.0), 0)
+        expert = tl.sum(tl.where(ids == pick, flat_e, 0), 0)
+        out_w = tl.where(slots == i, w, out_w)
+        out_i = tl.where(slots == i, expert.to(tl.int64), out_i)
+        flat_choice = tl.where(ids == pick, float("-inf"), flat_choice)
+    if NORM:
+        out_w = out_w / (tl.sum(out_w, 0) + 1e-20)
+    tl.store(weights_ptr + t * TOPK + slots, out_w * route_scale, mask=slots < TOPK)
+    tl.store(indices_ptr + t * TOPK + slots, out_i, mask=slots < TOPK)
+
+
+def route(logits: torch.Tensor, bias: torch.Tensor | None, n_groups: int, topk_groups: int, topk: int,
+          score_func: str, norm_topk_prob: bool, route_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits: (T, E) float32 (last dim contiguous); bias: (E,) float32 or None -> weights (T, k) float32,
+    indices (T, k) int64. E must divide into n_groups equal groups."""
+    check_device(logits=logits)
+    T, E = logits.shape
+    if E % n_groups or logits.stride(-1) != 1:
+        raise ValueError(f"logits {tuple(logits.shape)} must have a contiguous last dim divisible by {n_groups} groups")
+    weights = torch.empty(T, topk, dtype=torch.float32, device=logits.device)
+    indices = torch.empty(T, topk, dtype=torch.int64, device=logits.device)
+    if T:
+        per_group = E // n_groups
+        _route_kernel[(T,)](logits, bias if bias is not None else logits, weights, indices, n_groups, per_group,
+                            logits.stride(0),
+                            float(route_scale), TOPK=topk, G=triton.next_power_of_2(n_groups), TOPK_G=topk_groups,
+                            PER_G=triton.next_power_of_2(per_group), SIGMOID=score_func == "sigmoid",
+                            HAS_BIAS=bias is not None, NORM=norm_topk_prob, BLOCK_K=triton.next_power_of_2(topk),
+                            num_warps=4)
+    return weights, indices

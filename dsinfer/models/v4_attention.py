@@ -1,0 +1,117 @@
+"""DeepSeek-V4 attention (spec section 2.8): shared-KV multi-query attention over a sliding window, plus
+compressed entries on CSA / HCA layers.
+
+- Queries: wq_a -> q_norm -> wq_b, split into heads, each head RMS-normalised (no weight), the last
+  rope_head_dim channels rotated at the token's position.
+- One K=V head: wkv -> kv_norm, rotated the same way; the QAT simulation rounds its non-rotary dims to FP8.
+- A query at position p attends to the raw rows p - window_size + 1 .. p, and on compressed layers to the
+  finished entries: all of them (HCA) or the indexer's top-k (CSA); an entry w is visible once its window is
+  complete (w < (p + 1) // ratio).
+- Softmax with a per-head sink logit (added unscaled in float32), values = keys (all head_dim channels).
+- The output's rotary part is rotated back (conjugate) at the query position; then the grouped low-rank
+  projection: heads in o_groups groups, each group through its own block of wo_a, then wo_b.
+Sliding layers use plain RoPE; compressed layers (attention, compressor and indexer alike) the YaRN one.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..kernels.fp4 import fp8_act_quant_dequant_torch
+from .args_v4 import CSA, SLIDING, ModelArgsV4
+from .layers import Linear, RMSNorm
+from .rope import apply_rotary
+from .v4_compressor import KV_QAT_BLOCK, Compressor
+from .v4_indexer import Indexer
+from .v4_state import CompressorState, LayerState, V4Batch
+
+
+def rms_unweighted(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """x / sqrt(mean(x^2) + eps) over the last dim; the factor in float32, the product in x's dtype (as HF)."""
+    return x * torch.rsqrt(x.float().square().mean(-1, keepdim=True) + eps).to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, layer_id: int, args: ModelArgsV4):
+        super().__init__()
+        block = args.quant.block_size if args.quant else (128, 128)
+        self.n_heads, self.head_dim, self.rope_head_dim = args.n_heads, args.head_dim, args.rope_head_dim
+        self.window_size, self.eps, self.softmax_scale = args.window_size, args.norm_eps, args.softmax_scale
+        self.o_groups, self.o_lora_rank = args.o_groups, args.o_lora_rank
+        self.kind, self.ratio = args.attn_types[layer_id], args.compress_ratios[layer_id]
+        self.rope_kind = "main" if self.kind == SLIDING else "compress"
+        self.simulate_qat = True
+
+        self.attn_sink = nn.Parameter(torch.zeros(self.n_heads, dtype=torch.float32), requires_grad=False)
+        self.wq_a = Linear(args.dim, args.q_lora_rank, block)
+        self.q_norm = RMSNorm(args.q_lora_rank, args.norm_eps)
+        self.wq_b = Linear(args.q_lora_rank, self.n_heads * self.head_dim, block)
+        self.wkv = Linear(args.dim, self.head_dim, block)
+        self.kv_norm = RMSNorm(self.head_dim, args.norm_eps)
+        self.wo_a = Linear(self.n_heads * self.head_dim // self.o_groups, self.o_groups * self.o_lora_rank, block)
+        self.wo_b = Linear(self.o_groups * self.o_lora_rank, args.dim, block)
+        if self.kind != SLIDING:
+            self.compressor = Compressor(args.dim, self.head_dim, self.rope_head_dim, self.ratio,
+                                         overlap=self.kind == CSA, rotate=False, norm_eps=args.norm_eps)
+        self.indexer = Indexer(args, self.ratio) if self.kind == CSA else None
+
+    def new_state(self) -> LayerState:
+        return LayerState(compressor=CompressorState() if self.kind != SLIDING else None,
+                          indexer=CompressorState() if self.indexer is not None else None)
+
+    def forward(self, x: torch.Tensor, batch: V4Batch, states: list[LayerState],
+                rope_table: torch.Tensor) -> torch.Tensor:
+        """x: (T, D) normalised sublayer input of the flat batch; rope_table: (positions, rope/2, 2) of this
+        layer's RoPE. Updates each sequence's state; returns (T, D)."""
+        T = x.shape[0]
+        rd = self.rope_head_dim
+        cos_sin = rope_table[batch.positions]                                       # (T, rope/2, 2)
+        qr = self.q_norm(self.wq_a(x))                                              # (T, q_lora)
+        q = rms_unweighted(self.wq_b(qr).view(T, self.n_heads, self.head_dim), self.eps)
+        q = torch.cat([q[..., :-rd], apply_rotary(q[..., -rd:], cos_sin)], dim=-1)   # (T, H, head_dim)
+        kv = self.kv_norm(self.wkv(x))
+        kv = torch.cat([kv[:, :-rd], apply_rotary(kv[:, -rd:], cos_sin)], dim=-1)    # (T, head_dim)
+        if self.simulate_qat:
+            kv = torch.cat([fp8_act_quant_dequant_torch(kv[:, :-rd], KV_QAT_BLOCK), kv[:, -rd:]], dim=-1)
+
+        o = torch.empty_like(q)
+        for b, state in enumerate(states):
+            rows, p0 = batch.rows(b), batch.start_pos[b]
+            entries, visible = None, None
+            if self.kind != SLIDING:
+                entries = self.compressor(x[rows], p0, state.compressor, rope_table, self.simulate_qat)
+                if self.indexer is not None:
+                    visible = self.indexer(x[rows], qr[rows], p0, state.indexer, rope_table, self.simulate_qat)
+                else:
+                    positions = batch.positions[rows]
+                    visible = torch.arange(entries.shape[0], device=x.device)[None] < \
+                        ((positions + 1) // self.ratio)[:, None]
+            o[rows] = self._attend(q[rows], kv[rows], p0, state, entries, visible)
+
+        # Undo the rotation the values carried: rotate the output's rope part by minus the query angle.
+        o = torch.cat([o[..., :-rd], apply_rotary(o[..., -rd:], cos_sin * cos_sin.new_tensor([1.0, -1.0]))], -1)
+        o = o.view(T, self.o_groups, -1)                                            # (T, G, H/G * head_dim)
+        wo_a = self.wo_a.dequantized(x.dtype).view(self.o_groups, self.o_lora_rank, -1)
+        z = torch.einsum("tgd,grd->tgr", o, wo_a)                                   # (T, G, o_lora)
+        return self.wo_b(z.flatten(1))
+
+    def _attend(self, q: torch.Tensor, kv: torch.Tensor, p0: int, state: LayerState, entries: torch.Tensor | None,
+                visible: torch.Tensor | None) -> torch.Tensor:
+        """One sequence: q (S, H, d), kv (S, d) new rows at positions p0..; entries (n, d) with visible (S, n).
+        Appends kv to the window state. Returns (S, H, d) in q's dtype."""
+        S, W = q.shape[0], self.window_size
+        past = state.window if state.window is not None else kv.new_zeros(0, kv.shape[-1])
+        keys = torch.cat([past, kv])                                                # (Wp + S, d)
+        key_pos = torch.arange(p0 - past.shape[0], p0 + S, device=q.device)
+        q_pos = torch.arange(p0, p0 + S, device=q.device)[:, None]
+        allowed = (key_pos[None] <= q_pos) & (key_pos[None] > q_pos - W)            # (S, Wp + S)
+        state.window = keys[max(0, keys.shape[0] - (W - 1)):]
+        if entries is not None and entries.shape[0]:
+            keys = torch.cat([keys, entries])
+            allowed = torch.cat([allowed, visible], dim=1)
+        logits = torch.einsum("shd,td->hst", q.float(), keys.float()) * self.softmax_scale
+        logits = logits.masked_fill(~allowed, float("-inf"))
+        sink = self.attn_sink.float().view(-1, 1, 1).expand(-1, S, 1)
+        probs = torch.cat([logits, sink], dim=-1).softmax(dim=-1)[..., :-1]          # (H, S, keys)
+        return torch.einsum("hst,td->shd", probs, keys.float()).to(q.dtype)

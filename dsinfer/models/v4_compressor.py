@@ -1,0 +1,97 @@
+"""The DeepSeek-V4 KV compressor (spec section 2.8): every `ratio` tokens become one compressed entry.
+
+Per channel c, entry w pools its window with a softmax over the tokens' gate scores plus a learned position bias:
+C_w[c] = sum_j softmax_j(Z[j, c] + ape[j, c]) V[j, c]. With overlap (CSA, ratio 4) the projections are twice as
+wide: the first half of window w-1 and the second half of window w form 2 * ratio slots, so an entry spans
+8 tokens with stride 4. The pooled entry is RMS-normalised, rotated at the position of its window's first token
+and, in the QAT simulation, rounded as the reference rounds it (FP8 on the non-rotary dims; for the indexer,
+Hadamard then FP4). The projections and the pooling run in float32, as in the reference.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..kernels.fp4 import fp4_act_quant_dequant_torch, fp8_act_quant_dequant_torch
+from .layers import RMSNorm
+from .rope import apply_rotary
+from .v4_state import CompressorState
+
+KV_QAT_BLOCK = 64        # FP8 QAT block of the key/value non-rotary dims
+
+
+def hadamard(x: torch.Tensor) -> torch.Tensor:
+    """Orthonormal Walsh-Hadamard transform over the last dim (a power of two), in float32, in x's dtype."""
+    d = x.shape[-1]
+    y = x.float().reshape(-1, d)
+    h = 1
+    while h < d:                                                    # butterflies: (a, b) -> (a + b, a - b)
+        y = y.view(-1, d // (2 * h), 2, h)
+        y = torch.stack([y[:, :, 0] + y[:, :, 1], y[:, :, 0] - y[:, :, 1]], dim=2)
+        h *= 2
+    return (y.view(x.shape) * d ** -0.5).to(x.dtype)
+
+
+class Compressor(nn.Module):
+    def __init__(self, dim: int, head_dim: int, rope_head_dim: int, ratio: int, overlap: bool, rotate: bool,
+                 norm_eps: float):
+        super().__init__()
+        self.head_dim, self.rope_head_dim, self.ratio = head_dim, rope_head_dim, ratio
+        self.overlap, self.rotate = overlap, rotate     # rotate: the indexer's compressor (Hadamard, FP4 QAT)
+        width = (2 if overlap else 1) * head_dim
+        self.ape = nn.Parameter(torch.zeros(ratio, width, dtype=torch.float32), requires_grad=False)
+        self.wkv = _Fp32Weight(dim, width)
+        self.wgate = _Fp32Weight(dim, width)
+        self.norm = RMSNorm(head_dim, norm_eps)
+
+    def forward(self, x: torch.Tensor, start_pos: int, state: CompressorState, rope_table: torch.Tensor,
+                simulate_qat: bool) -> torch.Tensor:
+        """x: (S, D), the tokens at positions start_pos.. of one sequence. Updates `state` and returns every
+        finished entry of the sequence, (n, head_dim) in x's dtype."""
+        m, d = self.ratio, self.head_dim
+        S = x.shape[0]
+        xf = x.float()
+        kv = F.linear(xf, self.wkv.weight.float())                                  # (S, width)
+        score = F.linear(xf, self.wgate.weight.float())
+        slot = torch.arange(start_pos, start_pos + S, device=x.device) % m
+        score = score + self.ape[slot]
+        first = state.num_entries                      # window index of the first buffered token
+        assert start_pos - state.num_buffered == first * m, "compressor state out of step with the sequence"
+        if state.kv is not None:
+            kv, score = torch.cat([state.kv, kv]), torch.cat([state.score, score])
+        usable = kv.shape[0] // m * m
+        state.kv, state.score = kv[usable:], score[usable:]
+        if usable == 0:
+            return state.entries if state.entries is not None else x.new_zeros(0, d)
+        n = usable // m
+        kv, score = kv[:usable].view(n, m, -1), score[:usable].view(n, m, -1)       # (n, m, width)
+        if self.overlap:
+            prev_kv = kv.new_zeros(1, m, d) if state.prev_kv is None else state.prev_kv[None]
+            prev_score = score.new_full((1, m, d), float("-inf")) if state.prev_score is None \
+                else state.prev_score[None]
+            state.prev_kv, state.prev_score = kv[-1, :, :d], score[-1, :, :d]
+            kv = torch.cat([torch.cat([prev_kv, kv[:-1, :, :d]]), kv[..., d:]], dim=1)              # (n, 2m, d)
+            score = torch.cat([torch.cat([prev_score, score[:-1, :, :d]]), score[..., d:]], dim=1)
+        pooled = (kv * score.softmax(dim=1)).sum(dim=1)                              # (n, d) float32
+        entries = self.norm(pooled.to(x.dtype))
+        positions = (first + torch.arange(n, device=x.device)) * m                   # each window's first token
+        rd = self.rope_head_dim
+        entries = torch.cat([entries[:, :-rd], apply_rotary(entries[:, -rd:], rope_table[positions])], dim=-1)
+        if self.rotate:
+            entries = hadamard(entries)
+            if simulate_qat:
+                entries = fp4_act_quant_dequant_torch(entries)
+        elif simulate_qat:
+            entries = torch.cat([fp8_act_quant_dequant_torch(entries[:, :-rd], KV_QAT_BLOCK), entries[:, -rd:]], -1)
+        state.entries = entries if state.entries is None else torch.cat([state.entries, entries])
+        return state.entries
+
+
+class _Fp32Weight(nn.Module):
+    """A projection weight the reference keeps in float32 (compressor wkv / wgate): (out, in)."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=torch.float32), requires_grad=False)

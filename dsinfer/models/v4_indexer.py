@@ -1,0 +1,56 @@
+"""The DeepSeek-V4 lightning indexer (CSA layers; spec section 2.8): picks the compressed entries each query
+attends to. I[s, t] = sum_h w[s, h] * relu(q_h(s) . K_t) with w = weights_proj(x) / sqrt(index_head_dim *
+index_n_heads); keys K are the entries of the indexer's own (overlapping, Hadamard-rotated) compressor. Queries
+are rotated with the compressed-layer RoPE, Hadamard-rotated and (QAT simulation) rounded to FP4. A query at
+position p may pick entry t only if t < (p + 1) // ratio; it keeps the top index_topk of those.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..kernels.fp4 import fp4_act_quant_dequant_torch
+from .args_v4 import ModelArgsV4
+from .layers import Linear
+from .rope import apply_rotary
+from .v4_compressor import Compressor, hadamard
+from .v4_state import CompressorState
+
+
+class Indexer(nn.Module):
+    def __init__(self, args: ModelArgsV4, ratio: int):
+        super().__init__()
+        block = args.quant.block_size if args.quant else (128, 128)
+        self.n_heads, self.head_dim, self.topk, self.ratio = args.index_n_heads, args.index_head_dim, \
+            args.index_topk, ratio
+        self.rope_head_dim = args.rope_head_dim
+        self.wq_b = Linear(args.q_lora_rank, self.n_heads * self.head_dim, block)
+        self.weights_proj = Linear(args.dim, self.n_heads)
+        self.compressor = Compressor(args.dim, self.head_dim, args.rope_head_dim, ratio, overlap=True, rotate=True,
+                                     norm_eps=args.norm_eps)
+
+    def forward(self, x: torch.Tensor, qr: torch.Tensor, start_pos: int, state: CompressorState,
+                rope_table: torch.Tensor, simulate_qat: bool) -> torch.Tensor:
+        """One sequence: x (S, D), qr (S, q_lora) at positions start_pos... Returns which compressed entries
+        each query attends to, (S, n) bool, n = the entries finished so far."""
+        S = x.shape[0]
+        positions = torch.arange(start_pos, start_pos + S, device=x.device)
+        keys = self.compressor(x, start_pos, state, rope_table, simulate_qat)          # (n, head_dim)
+        n = keys.shape[0]
+        if n == 0:
+            return torch.zeros(S, 0, dtype=torch.bool, device=x.device)
+        q = self.wq_b(qr).view(S, self.n_heads, self.head_dim)
+        rd = self.rope_head_dim
+        q = torch.cat([q[..., :-rd], apply_rotary(q[..., -rd:], rope_table[positions])], dim=-1)
+        q = hadamard(q)
+        if simulate_qat:
+            q = fp4_act_quant_dequant_torch(q)
+        w = self.weights_proj(x).float() * (self.head_dim * self.n_heads) ** -0.5          # (S, H)
+        scores = torch.einsum("shd,td->sht", q.float(), keys.float()).relu()
+        index = (scores * w.unsqueeze(-1)).sum(dim=1)                                       # (S, n)
+        visible = torch.arange(n, device=x.device)[None] < ((positions + 1) // self.ratio)[:, None]
+        index = index.masked_fill(~visible, float("-inf"))
+        top = index.topk(min(self.topk, n), dim=-1).indices                                 # (S, k)
+        chosen = torch.zeros(S, n, dtype=torch.bool, device=x.device).scatter_(1, top, True)
+        return chosen & visible
