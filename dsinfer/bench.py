@@ -1,5 +1,8 @@
 """`dsinfer bench`: decode and prefill speed of a random-weight model with the exact shapes of a named config,
 built on the device without a checkpoint, measured through the engine, against the memory-bandwidth limit.
+DeepSeek-V4 (`--config v4-flash`) is built in its published formats (FP8 linears, FP4 routed experts) and timed
+through its model's ragged-batch forward with greedy sampling on the device, as EngineV4 steps it (V4 has no paged
+engine yet), on one device.
 
 Weight bytes read per decode step are counted as spec/anchors.md counts them: every non-expert weight once
 (attention, dense layers, shared experts, router, LM head, the embedding rows used), plus the routed experts the
@@ -10,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,16 +23,20 @@ from torch import nn
 
 from .config import EngineConfig
 from .models import ModelArgs
-from .models.layers import Linear
+from .models.args_v4 import ModelArgsV4
+from .models.layers import Linear, RMSNorm
 from .models.moe import Experts
+from .models.published import PUBLISHED, V4_FLASH
+from .models.v4_moe import Experts as ExpertsV4
 from .parallel import ParallelState
-from .models.published import PUBLISHED
 
-NAMED_CONFIGS = PUBLISHED
+NAMED_CONFIGS = {**PUBLISHED, "v4-flash": V4_FLASH}
+# The linears DeepSeek ships in FP8 in V4 (spec section 3.4); the compressors, weights_proj and the head stay bf16.
+_V4_FP8 = re.compile(r"\.attn\.(wq_a|wq_b|wkv|wo_a|wo_b|indexer\.wq_b)$|\.shared_experts\.w[123]$")
 
 
 def bench_config(name_or_path: str, layers: int | None = None) -> dict:
-    """A named config (v3, v2-lite) or a config.json path, optionally cut to `layers` layers."""
+    """A named config (v3, v2-lite, v4-flash) or a config.json path, optionally cut to `layers` layers."""
     if name_or_path in NAMED_CONFIGS:
         cfg = dict(NAMED_CONFIGS[name_or_path])
     else:
@@ -43,7 +51,8 @@ def bench_config(name_or_path: str, layers: int | None = None) -> dict:
         if not 1 <= layers <= cfg["num_hidden_layers"]:
             raise ValueError(f"--layers must be in [1, {cfg['num_hidden_layers']}], got {layers}")
         cfg["num_hidden_layers"] = layers
-        cfg["first_k_dense_replace"] = min(cfg.get("first_k_dense_replace", 0), max(layers - 1, 0) or layers)
+        if cfg.get("model_type") != "deepseek_v4":       # V4: every layer is MoE; its schedules are per layer
+            cfg["first_k_dense_replace"] = min(cfg.get("first_k_dense_replace", 0), max(layers - 1, 0) or layers)
     return cfg
 
 
@@ -83,14 +92,64 @@ def random_model(args: ModelArgs, dtype: torch.dtype, device: torch.device, seed
     return model.eval()
 
 
-def weight_bytes_per_step(model: nn.Module, args: ModelArgs, batch: int) -> int:
+@torch.no_grad()
+def random_model_v4(args: ModelArgsV4, dtype: torch.dtype, device: torch.device, seed: int = 0) -> nn.Module:
+    """The DeepSeek-V4 model for `args` with random weights made on `device`, in the formats the loader keeps a
+    published checkpoint in: when the config is quantized, FP8 e4m3 + 128x128 block scales (float32 powers of
+    two) for the linears DeepSeek ships in FP8, and routed experts as packed FP4 (uint8, two e2m1 codes a byte)
+    with one E8M0 scale byte per 32 inputs (FP8 stacks where expert_dtype says "fp8"); the rest as declared."""
+    from .checkpoint.loader import _default_dtype
+    from .models.deepseek_v4 import Transformer
+    with torch.device("meta"), _default_dtype(dtype):
+        model = Transformer(args)
+    g = torch.Generator(device).manual_seed(seed)
+    block = args.quant.block_size if args.quant else None
+    fp8_names, fp4 = set(), block is not None and args.expert_dtype != "fp8"
+    if block:
+        for name, m in model.named_modules():
+            if isinstance(m, Linear) and _V4_FP8.search(name):
+                fp8_names.add(f"{name}.weight")
+            elif isinstance(m, ExpertsV4):
+                fp8_names.update(f"{name}.{w}" for w in ("w1", "w2", "w3"))
+
+    def put(owner, attr, t):
+        setattr(owner, attr, nn.Parameter(t, requires_grad=False))
+
+    for name, p in list(model.named_parameters()):
+        owner_name, _, attr = name.rpartition(".")
+        owner = model.get_submodule(owner_name)
+        if name in fp8_names and fp4 and isinstance(owner, ExpertsV4):
+            *lead, n, k = p.shape                   # codes uniform over all 16; scale 2^-7: |w| <= 0.047
+            put(owner, attr, torch.randint(0, 256, (*lead, n, k // 2), device=device, generator=g,
+                                           dtype=torch.uint8))
+            put(owner, f"{attr}_scale", torch.full((*lead, n, k // 32), 120, dtype=torch.uint8, device=device))
+        elif name in fp8_names:
+            w = (torch.randn(p.shape, device=device, generator=g) * 0.02 * 256).clamp(-448, 448)
+            scale_shape = (*p.shape[:-2], -(-p.shape[-2] // block[0]), -(-p.shape[-1] // block[1]))
+            put(owner, attr, w.to(torch.float8_e4m3fn))
+            put(owner, "scale" if attr == "weight" else f"{attr}_scale",
+                torch.full(scale_shape, 2.0 ** -8, device=device))
+        elif isinstance(owner, RMSNorm):
+            put(owner, attr, torch.ones(p.shape, dtype=p.dtype, device=device))
+        elif attr == "tid2eid":                     # k distinct experts per token, as in the release's table
+            e, k = args.n_routed_experts, p.shape[1]
+            base = torch.randint(0, e, (p.shape[0], 1), device=device, generator=g)
+            put(owner, attr, ((base + torch.arange(k, device=device) * (e // k)) % e).to(p.dtype))
+        else:
+            std = 0.0 if attr == "bias" else 0.02
+            t = torch.randn(p.shape, device=device, generator=g, dtype=torch.float32) * std
+            put(owner, attr, t.to(p.dtype))
+    return model.eval()
+
+
+def weight_bytes_per_step(model: nn.Module, args: ModelArgs | ModelArgsV4, batch: int) -> int:
     """Bytes of weights a decode step of `batch` sequences reads (see the module docstring)."""
     total = 0
     for name, p in model.named_parameters():
         owner = model.get_submodule(name.rpartition(".")[0])
         if name == "embed.weight":
             total += min(batch, p.shape[0]) * p.shape[1] * p.element_size()
-        elif isinstance(owner, Experts):
+        elif isinstance(owner, (Experts, ExpertsV4)):
             e, k = args.n_routed_experts, args.n_activated_experts
             touched = e * (1 - (1 - k / e) ** batch)
             total += int(p.numel() * p.element_size() * touched / e)
@@ -144,6 +203,9 @@ def run_bench(cfg: dict, config: EngineConfig, batches: list[int], prompt_len: i
     """Build a random model for `cfg`, then measure time to first token, prefill and decode; prints a report."""
     from .engine import Engine
     from .sampling import SamplingParams
+
+    if cfg.get("model_type") == "deepseek_v4":
+        return run_bench_v4(cfg, config, batches, prompt_len, decode_steps, prefill_len, out)
 
     args = ModelArgs.from_hf_config(cfg)
     device = config.torch_device
@@ -218,4 +280,92 @@ def run_bench(cfg: dict, config: EngineConfig, batches: list[int], prompt_len: i
         frac = f"{100 * r.bandwidth_fraction:.0f}%" if r.bandwidth_fraction is not None else "n/a (CPU)"
         out(f"| {r.batch} | {r.decode_tokens_per_s:,.1f} | {r.step_ms:.2f} | {r.weight_bytes / 1e9:.2f} GB | {frac} |")
     engine.shutdown()
+    return results
+
+
+def run_bench_v4(cfg: dict, config: EngineConfig, batches: list[int], prompt_len: int, decode_steps: int,
+                 prefill_len: int, out=print) -> list[BenchResult]:
+    """`run_bench` for DeepSeek-V4: the random published-format model, stepped as EngineV4 steps it (one ragged
+    forward per step, greedy tokens chosen on the device)."""
+    from .kernels.mla_triton import triton_available
+    from .models.layers import set_fp8_impl
+    from .models.moe import set_moe_backend
+
+    if config.tensor_parallel_size > 1:
+        raise ValueError("DeepSeek-V4 benchmarks run on one device; use --tp 1")
+    args = ModelArgsV4.from_hf_config(cfg)
+    device = config.torch_device
+    t0 = time.perf_counter()
+    model = random_model_v4(args, config.torch_dtype, device)
+    _sync(device)
+    build_s = time.perf_counter() - t0
+    set_fp8_impl(model, config.fp8_impl)
+    moe_backend = config.moe_backend
+    if moe_backend == "auto":
+        moe_backend = "triton" if device.type == "cuda" and triton_available() else "torch"
+    set_moe_backend(model, moe_backend)
+    model.init_rope(max(prompt_len + decode_steps + 2, prefill_len + 1), device)
+    g = torch.Generator().manual_seed(0)
+
+    def prompt(n):
+        return torch.randint(0, args.vocab_size, (n,), generator=g).to(device)
+
+    @torch.inference_mode()
+    def prefill(lengths: list[int]):
+        """New sequences of these prompt lengths in one forward -> their states and first tokens (on device)."""
+        states = [model.new_state() for _ in lengths]
+        h = model(torch.cat([prompt(n) for n in lengths]), states, lengths)
+        last = torch.tensor(lengths, device=device).cumsum(0) - 1
+        return states, model.compute_logits(h[last]).argmax(-1)
+
+    @torch.inference_mode()
+    def decode(states, tokens):
+        return model.compute_logits(model(tokens, states, [1] * len(states))).argmax(-1)
+
+    t0 = time.perf_counter()
+    _, tok = prefill([prompt_len])
+    tok.cpu()
+    ttft_warm = time.perf_counter() - t0                      # includes kernel compilation on first use
+    first_token_age = process_age()
+    t0 = time.perf_counter()
+    _, tok = prefill([prompt_len])
+    tok.cpu()
+    ttft = time.perf_counter() - t0
+    prefill([prefill_len])                                    # warm the prefill shapes
+    _sync(device)
+    t0 = time.perf_counter()
+    _, tok = prefill([prefill_len])
+    tok.cpu()
+    prefill_tps = prefill_len / (time.perf_counter() - t0)
+
+    peak = copy_bandwidth(device)
+    results = []
+    for b in batches:
+        states, tokens = prefill([prompt_len] * b)
+        tokens = decode(states, tokens)                       # one warm decode
+        _sync(device)
+        t0 = time.perf_counter()
+        for _ in range(decode_steps):
+            tokens = decode(states, tokens)
+        tokens.cpu()
+        step_s = (time.perf_counter() - t0) / decode_steps
+        nbytes = weight_bytes_per_step(model, args, b)
+        frac = nbytes / step_s / peak if peak else None
+        results.append(BenchResult(b, b / step_s, step_s * 1e3, nbytes, frac))
+
+    experts = model.layers[0].ffn.experts.fmt
+    quant = (f"fp8 128x128, {experts} experts" if args.quant else config.dtype)
+    out(f"model: deepseek_v4, {args.n_layers} layers, {args.n_routed_experts} experts top-{args.n_activated_experts}, "
+        f"weights {quant}, random; device {device}; MoE {moe_backend}; built in {build_s:.1f} s")
+    out(f"time to first token ({prompt_len}-token prompt): {ttft * 1e3:.1f} ms "
+        f"(first request, with kernel compilation: {ttft_warm * 1e3:.0f} ms); "
+        f"process start to first token: {first_token_age:.1f} s")
+    out(f"prefill: {prefill_tps:,.0f} tokens/s ({prefill_len}-token prompt)")
+    if peak:
+        out(f"copy bandwidth: {peak / 1e12:.2f} TB/s (read + write)")
+    out("| batch | decode tokens/s | step (ms) | weight bytes / step | of copy bandwidth |")
+    out("|---|---|---|---|---|")
+    for r in results:
+        frac = f"{100 * r.bandwidth_fraction:.0f}%" if r.bandwidth_fraction is not None else "n/a (CPU)"
+        out(f"| {r.batch} | {r.decode_tokens_per_s:,.1f} | {r.step_ms:.2f} | {r.weight_bytes / 1e9:.2f} GB | {frac} |")
     return results

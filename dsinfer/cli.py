@@ -66,7 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     k = sub.add_parser("cast", help="FP8 checkpoint -> BF16, or BF16 -> the published FP8 format",
                        description="Dequantize an FP8 checkpoint to BF16 or quantize a BF16 one to FP8 (e4m3, "
-                                   "128x128 block scales, the weights DeepSeek ships in FP8), shard by shard.")
+                                   "128x128 block scales, the weights DeepSeek ships in FP8), shard by shard. "
+                                   "DeepSeek-V4: --to fp8 repacks the FP4 experts as FP8 losslessly, --to bf16 "
+                                   "dequantizes everything.")
     k.add_argument("--model", required=True, help="source checkpoint folder")
     k.add_argument("--out", required=True, help="destination folder (must not exist or be empty, unless --force)")
     k.add_argument("--to", required=True, choices=["bf16", "fp8"])
@@ -95,7 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="decode/prefill speed of a random-weight model of a named shape",
                        description="Random weights with the exact shapes of a config, built on the device without "
                                    "a checkpoint; decode tokens/s per batch size against the copy bandwidth.")
-    b.add_argument("--config", default="v2-lite", help="v2-lite, v3, or a config.json path (default: v2-lite)")
+    b.add_argument("--config", default="v2-lite",
+                   help="v2-lite, v3, v4-flash, or a config.json path (default: v2-lite)")
     b.add_argument("--layers", type=int, help="keep only the first N layers (e.g. --config v3 --layers 4)")
     b.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32, 128])
     b.add_argument("--prompt-len", type=int, default=128)

@@ -26,7 +26,8 @@ class EngineConfig:
     moe_backend: str = "auto"             # routed experts: "auto" (fused Triton kernel on GPU), "torch" (loop), "triton"
     enforce_eager: bool = False           # no CUDA graphs: run every decode step eagerly
     cuda_graph_max_batch: int = 256       # decode batches up to this size replay CUDA graphs, >= 1 (capped by max_num_seqs)
-    enable_prefix_caching: bool = True    # reuse cached pages of identical prompt prefixes
+    # reuse cached pages of identical prompt prefixes; None = wherever the model allows it (not DeepSeek-V4)
+    enable_prefix_caching: bool | None = None
     seed: int = 0                         # seed for requests that give none
     # Processes (one per GPU) the model is split over, >= 1: attention heads, dense and shared-expert widths and
     # the vocabulary are cut into this many slices and the routed experts divided; it must divide each of them.

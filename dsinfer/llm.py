@@ -32,16 +32,10 @@ class LLM:
                  simulate_qat: bool | None = None, **kwargs):
         """`model`: a Hugging Face checkpoint folder (None = the bundled model); kwargs: EngineConfig fields.
         `simulate_qat` (DeepSeek-V4 only, default on): round as the reference's forward pass does (FP8 KV, FP4
-        indexer); off matches HF transformers. V4 runs on EngineV4, a plain loop, until the paged engine has it."""
+        indexer); off matches HF transformers."""
         path = model if model is not None else default_model_path()
         config = EngineConfig(device=device, dtype=dtype, **kwargs)
-        from .engine_v4 import EngineV4, is_v4_checkpoint
-        if is_v4_checkpoint(path):
-            self.engine = EngineV4(path, config, simulate_qat=True if simulate_qat is None else simulate_qat)
-        elif simulate_qat is not None:
-            raise ValueError("simulate_qat applies to DeepSeek-V4 checkpoints only")
-        else:
-            self.engine = Engine(path, config)
+        self.engine = Engine(path, config, simulate_qat=simulate_qat)
         self.tokenizer = self.engine.tokenizer
 
     def generate(self, prompts: str | list[int] | list[str | list[int]],

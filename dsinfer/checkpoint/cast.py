@@ -1,4 +1,5 @@
-"""`dsinfer cast`: FP8 checkpoint -> BF16, or BF16 (or FP32) checkpoint -> the published FP8 format.
+"""`dsinfer cast`: FP8 checkpoint -> BF16, or BF16 (or FP32) checkpoint -> the published FP8 format. DeepSeek-V4
+checkpoints go to `cast_v4.py` (FP4 experts -> FP8, or everything -> BF16).
 
 FP8 format (DeepSeek V3 / R1 / V3.1): e4m3 weights with a float32 `weight_scale_inv` per 128x128 block, ragged
 edge blocks included; W = q * s (`kernels.fp8`). Only the weights DeepSeek ships in FP8 are quantized: every
@@ -49,7 +50,8 @@ def quantization_config(scale_fmt: str | None = None) -> dict:
 
 def cast_checkpoint(src: str | Path, dst: str | Path, to: str, scale_fmt: str | None = None, force: bool = False,
                     progress: bool = True) -> Path:
-    """Write `src` with its FP8 weights dequantized (`to="bf16"`) or its BF16 weights quantized (`to="fp8"`)."""
+    """Write `src` with its FP8 weights dequantized (`to="bf16"`) or its BF16 weights quantized (`to="fp8"`); for
+    DeepSeek-V4, see `cast_v4`."""
     if to not in TARGETS:
         raise ValueError(f"--to must be one of {', '.join(TARGETS)}, got {to!r}")
     if scale_fmt is not None and (scale_fmt not in SCALE_FMTS or to != "fp8"):
@@ -57,10 +59,15 @@ def cast_checkpoint(src: str | Path, dst: str | Path, to: str, scale_fmt: str | 
     src, cfg = read_config(src)
     if (src / TP_MANIFEST).is_file():
         raise ValueError(f"{src} is a tensor-parallel folder (it has {TP_MANIFEST}); cast the original checkpoint")
-    args = ModelArgs.from_hf_config(cfg)
-    block = args.quant.block_size if args.quant else BLOCK
     files = checkpoint_files(src)
     infos = read_headers(files)
+    if cfg.get("model_type") == "deepseek_v4":
+        if scale_fmt is not None:
+            raise ValueError("--scale-fmt is for V3-style FP8 quantization; DeepSeek-V4 scales are E8M0 already")
+        from .cast_v4 import cast_v4
+        return cast_v4(src, cfg, files, infos, dst, to, force, progress)
+    args = ModelArgs.from_hf_config(cfg)
+    block = args.quant.block_size if args.quant else BLOCK
     fp8 = [n for n, i in infos.items() if i.dtype == "F8_E4M3"]
     if to == "bf16":
         if not fp8:

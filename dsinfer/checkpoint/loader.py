@@ -183,7 +183,7 @@ def _split_dim(hf_name: str, t: Target, world_size: int) -> int | None:
     """The dim this tensor is cut along between ranks (None: whole on every rank; routed experts are whole)."""
     if world_size == 1 or t.expert is not None:
         return None
-    from .convert import shard_rule        # convert imports this module
+    from .convert import shard_rule  # convert imports this module
     return shard_rule(hf_name)[1]
 
 

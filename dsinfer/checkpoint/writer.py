@@ -23,7 +23,9 @@ import torch
 from .loader import ITEMSIZE, TP_MANIFEST
 
 DTYPE_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float8_e4m3fn: "F8_E4M3",
-               torch.float64: "F64", torch.int64: "I64", torch.int32: "I32", torch.int8: "I8", torch.uint8: "U8"}
+               torch.float8_e8m0fnu: "F8_E8M0", torch.float64: "F64", torch.int64: "I64", torch.int32: "I32",
+               torch.int8: "I8", torch.uint8: "U8"}
+_ITEMSIZE = {**ITEMSIZE, "F8_E8M0": 1}           # + DeepSeek-V4's one-byte power-of-two scales
 INDEX = "model.safetensors.index.json"
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".msgpack", ".h5")
 _MARKER = ".dsinfer-partial"
@@ -39,7 +41,7 @@ class TensorSpec:
 
     @property
     def nbytes(self) -> int:
-        n = ITEMSIZE[self.dtype]
+        n = _ITEMSIZE[self.dtype]
         for d in self.shape:
             n *= d
         return n

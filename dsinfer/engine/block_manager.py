@@ -91,3 +91,27 @@ class BlockManager:
                 self.free[page] = None
         seq.block_table = []
         seq.page_hashes = []
+
+
+class V4BlockManager(BlockManager):
+    """DeepSeek-V4: pages (of compressed entries) as above, without prefix caching, plus one state slot (sliding
+    window, compressor buffers; see v4_cache.py) for every sequence that holds pages. A sequence gets its slot
+    with its first pages and gives it back when it releases them (finish, abort, preemption)."""
+
+    def __init__(self, num_pages: int, page_size: int, num_slots: int):
+        super().__init__(num_pages, page_size, enable_prefix_caching=False)
+        self.free_slots = list(range(num_slots - 1, -1, -1))
+
+    def ensure(self, seq: Sequence, num_tokens: int) -> bool:
+        if seq.state_slot is not None:
+            return super().ensure(seq, num_tokens)
+        if not self.free_slots or not super().ensure(seq, num_tokens):
+            return False
+        seq.state_slot = self.free_slots.pop()
+        return True
+
+    def release(self, seq: Sequence) -> None:
+        super().release(seq)
+        if seq.state_slot is not None:
+            self.free_slots.append(seq.state_slot)
+            seq.state_slot = None

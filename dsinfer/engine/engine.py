@@ -13,16 +13,19 @@ from ..config import EngineConfig
 from ..kernels.mla_triton import triton_available
 from ..models import ModelArgs
 from ..models.layers import set_fp8_impl
+from ..models.args_v4 import ModelArgsV4
 from ..models.mla import set_attn_backend
 from ..models.moe import set_moe_backend
 from ..parallel import ParallelState
 from ..sampling import Sampler, SamplingParams, TokenLogprobs, compute_logprobs
 from ..tokenizer import IncrementalDetokenizer, Tokenizer
-from .block_manager import BlockManager
+from .block_manager import BlockManager, V4BlockManager
 from .kv_cache import KVCache, cache_bytes_per_page
 from .runner import ModelRunner
 from .scheduler import Scheduler
 from .sequence import Sequence
+from .v4_cache import V4Cache, v4_cache_bytes
+from .v4_runner import V4ModelRunner, load_v4
 from .worker import LockstepRunner, WorkerSpec
 
 
@@ -39,15 +42,24 @@ class StepOutput:
 
 
 class Engine:
-    def __init__(self, model_path: str | Path, config: EngineConfig | None = None):
+    def __init__(self, model_path: str | Path, config: EngineConfig | None = None, simulate_qat: bool | None = None):
+        """`simulate_qat` (DeepSeek-V4 only, default on): round as the reference's forward pass does (FP8 KV,
+        FP4 indexer); off matches HF transformers."""
         config = config or EngineConfig()
         path, model_config = read_config(model_path)
         tokenizer = Tokenizer.from_dir(path, model_config)
+        if model_config.get("model_type") == "deepseek_v4":
+            if config.tensor_parallel_size > 1:
+                raise ValueError("tensor parallelism does not cover DeepSeek-V4 yet; use tensor_parallel_size 1")
+            self._setup(*load_v4(path, config, simulate_qat), tokenizer, config)
+            return
+        if simulate_qat is not None:
+            raise ValueError("simulate_qat applies to DeepSeek-V4 checkpoints only")
         self._start(WorkerSpec(config, model_path=str(path)), tokenizer)
 
     @classmethod
     def from_model(cls, model: torch.nn.Module, args: ModelArgs, config: EngineConfig,
-                   tokenizer: Tokenizer | None = None, parallel: ParallelState | None = None) -> "Engine":
+                   tokenizer: Tokenizer | None = None, parallel: ParallelState | None = None) -> Engine:
         """An engine over a model built elsewhere (e.g. random weights for `dsinfer bench`), of one process (or
         this rank's part under `parallel`). Without a tokenizer, prompts must be token ids and outputs carry
         no text."""
@@ -56,7 +68,7 @@ class Engine:
         return engine
 
     @classmethod
-    def from_random(cls, hf_config: dict, config: EngineConfig, tokenizer: Tokenizer | None = None) -> "Engine":
+    def from_random(cls, hf_config: dict, config: EngineConfig, tokenizer: Tokenizer | None = None) -> Engine:
         """Random weights with the shapes of an HF config (benchmarks), on config.tensor_parallel_size ranks."""
         engine = cls.__new__(cls)
         engine._start(WorkerSpec(config, random_config=hf_config), tokenizer)
@@ -70,7 +82,7 @@ class Engine:
             model = args = error = None
             try:
                 model, args = spec.build(parallel)
-            except Exception as e:        # every rank reports, so that all stop together
+            except Exception as e:  # noqa: BLE001 -- every rank reports, so that all stop together
                 error = e
             parallel.check_setup(error)
             self._setup(model, args, tokenizer, spec.config, parallel)
@@ -103,17 +115,28 @@ class Engine:
             raise ValueError(f"max_model_len {self.max_model_len} exceeds the model's max_position_embeddings "
                              f"{self.args.max_position_embeddings}")
         self.model.init_rope(self.max_model_len, self.device)
-        self.cache = KVCache(self.args, self._num_pages(), config.page_size, self.dtype, self.device)
-        self.block_manager = BlockManager(self.cache.num_pages, config.page_size, config.enable_prefix_caching)
-        if self.parallel.world_size > 1 and self.parallel.is_driver:      # sends each batch to the other ranks
-            self.runner = LockstepRunner(self.model, self.cache, self.device, self.parallel)
+        if isinstance(self.args, ModelArgsV4):     # state slots (window, compressor buffers) + pages of entries
+            if config.enable_prefix_caching:
+                raise ValueError("prefix caching is not supported for DeepSeek-V4 (its sliding-window and compressor "
+                                 "state is not kept per page); set enable_prefix_caching=False (--no-prefix-caching)")
+            num_slots = config.max_num_seqs + 1    # one per running sequence, one for scoring (iter_logits)
+            self.cache = V4Cache(self.args, self._num_pages(), config.page_size, num_slots, self.dtype, self.device)
+            self.block_manager = V4BlockManager(self.cache.num_pages, config.page_size, num_slots)
+            self.runner = V4ModelRunner(self.model, self.cache, self.device)     # eager: no CUDA graphs yet
         else:
-            self.runner = ModelRunner(self.model, self.cache, self.device)
-        if self.device.type == "cuda" and not config.enforce_eager:
-            if backend != "triton" or moe_backend != "triton":
-                raise ValueError("CUDA graphs need attn_backend and moe_backend 'triton' (the torch twins wait for "
-                                 "the host); use them, or set enforce_eager")
-            self.runner.capture_cuda_graphs(min(config.cuda_graph_max_batch, config.max_num_seqs), self.max_model_len)
+            self.cache = KVCache(self.args, self._num_pages(), config.page_size, self.dtype, self.device)
+            self.block_manager = BlockManager(self.cache.num_pages, config.page_size,
+                                              config.enable_prefix_caching is not False)
+            if self.parallel.world_size > 1 and self.parallel.is_driver:      # sends each batch to the other ranks
+                self.runner = LockstepRunner(self.model, self.cache, self.device, self.parallel)
+            else:
+                self.runner = ModelRunner(self.model, self.cache, self.device)
+            if self.device.type == "cuda" and not config.enforce_eager:
+                if backend != "triton" or moe_backend != "triton":
+                    raise ValueError("CUDA graphs need attn_backend and moe_backend 'triton' (the torch twins wait "
+                                     "for the host); use them, or set enforce_eager")
+                self.runner.capture_cuda_graphs(min(config.cuda_graph_max_batch, config.max_num_seqs),
+                                                self.max_model_len)
         self.scheduler = Scheduler(config, self.block_manager)
         self.sampler = Sampler()
         self.default_generator = torch.Generator(self.device).manual_seed(config.seed)
@@ -122,14 +145,19 @@ class Engine:
 
     def _num_pages(self) -> int:
         c = self.config
-        per_page = cache_bytes_per_page(self.args, c.page_size, self.dtype)
+        if isinstance(self.args, ModelArgsV4):
+            per_page, per_slot = v4_cache_bytes(self.args, c.page_size, self.dtype)
+            reserved = per_slot * (c.max_num_seqs + 1)                  # the state slots come first
+        else:
+            per_page, reserved = cache_bytes_per_page(self.args, c.page_size, self.dtype), 0
         wanted = c.max_num_seqs * -(-self.max_model_len // c.page_size)
         if self.device.type == "cuda":
             free, total = torch.cuda.mem_get_info(self.device)
             budget = free - (1 - c.gpu_memory_utilization) * total
         else:
             budget = c.cpu_cache_gib * 2**30
-        return self.parallel.agree_min(max(0, min(int(budget // per_page), wanted)))   # the same on every rank
+        budget -= reserved
+        return self.parallel.agree_min(max(0, min(int(budget // max(per_page, 1)), wanted)))   # same on every rank
 
     # -- requests ------------------------------------------------------------------------------------------
 

@@ -28,6 +28,7 @@ class Sequence:
     num_cached_tokens: int = 0                 # tokens whose latents are in the cache
     block_table: list[int] = field(default_factory=list)
     page_hashes: list[int] = field(default_factory=list)   # prefix hash of each full page (prefix caching)
+    state_slot: int | None = None              # DeepSeek-V4: its window/compressor state slot (v4_cache.py)
     generator: torch.Generator | None = None   # set when params.seed is given
     detokenizer: IncrementalDetokenizer | None = None
     text: str = ""                             # generated text so far (stop strings cut off)

@@ -53,6 +53,52 @@ def fp4_dequant_torch(packed: torch.Tensor, scale: torch.Tensor, dtype: torch.dt
     return (fp4_unpack(packed) * s.repeat_interleave(block, dim=-1)).to(dtype)
 
 
+_SHIFTS = range(-9, 7)                   # 2^shift of an FP4 code inside its FP8 tile: e4m3's range, 2^-9 .. 2^6
+
+
+def _fp4_to_e4m3_table() -> tuple[torch.Tensor, torch.Tensor]:
+    """(e4m3 byte, exact?) of fp4(code) * 2^shift, indexed by (shift + 9) * 16 + code: 256 entries each."""
+    vals = torch.tensor([(-1.0 if c & 8 else 1.0) * FP4_VALUES[c & 7] * 2.0 ** sh for sh in _SHIFTS for c in range(16)],
+                        dtype=torch.float64)
+    q = vals.to(torch.float8_e4m3fn)
+    return q.view(torch.uint8), q.double() == vals
+
+
+def fp4_to_fp8_torch(packed: torch.Tensor, scale: torch.Tensor,
+                     block_size: tuple[int, int] = (128, 128)) -> tuple[torch.Tensor, torch.Tensor]:
+    """Repack FP4 e2m1 (N, K/2) bytes with (N, K/32) E8M0 scales as FP8 e4m3 (N, K) with one E8M0 scale per
+    block_size tile, (ceil(N/bn), ceil(K/bk)) uint8, as the reference's `convert.py --expert-dtype fp8` does: a
+    tile's scale is the largest of its 32-input scales over 64, s' = 2^(max b - 127) / 2^6, and each value becomes
+    fp4 * 2^(b - b'), at most 6 * 64 = 384 < 448. Edge tiles take the largest scale they hold. Codes map to e4m3
+    bytes through a 256-entry table of (shift, code), in integer ops. The result dequantizes to exactly the FP4
+    values unless a tile's scales span more than 2^14, so that a small value leaves e4m3's range; ValueError then
+    (and for NaN scales), never a silent loss."""
+    n, k = packed.shape[0], 2 * packed.shape[1]
+    bn, bk = block_size
+    if packed.dim() != 2 or bk % FP4_BLOCK or tuple(scale.shape) != (n, k // FP4_BLOCK):
+        raise ValueError(f"FP4 -> FP8 takes a 2-D packed weight with (N, K/{FP4_BLOCK}) scales and tiles whose width "
+                         f"is a multiple of {FP4_BLOCK}; got {tuple(packed.shape)}, {tuple(scale.shape)}, {block_size}")
+    if scale.dtype not in (torch.uint8, torch.float8_e8m0fnu):
+        raise TypeError(f"FP4 -> FP8 takes E8M0 scale bytes (uint8 or float8_e8m0fnu), got {scale.dtype}")
+    b = scale.view(torch.uint8).to(torch.int32)
+    tn, tk, per_tile = -(-n // bn), -(-k // bk), bk // FP4_BLOCK
+    padded = torch.nn.functional.pad(b, (0, tk * per_tile - b.shape[1], 0, tn * bn - n))    # pad with byte 0
+    tile = (padded.view(tn, bn, tk, per_tile).amax(dim=(1, 3)) - 6).clamp(min=0)          # (tn, tk) bytes
+    shift = b - tile.repeat_interleave(bn, 0)[:n].repeat_interleave(per_tile, 1)[:, :b.shape[1]]   # (N, K/32)
+    if (b == 0xFF).any():
+        raise ValueError("FP4 -> FP8: a scale is NaN (E8M0 byte 0xFF); cast to bf16 instead")
+    row = ((shift.clamp(min=_SHIFTS[0]) - _SHIFTS[0]) * 16).repeat_interleave(FP4_BLOCK // 2, dim=-1)   # (N, K/2)
+    u = packed.view(torch.uint8).to(torch.int32)
+    idx = torch.stack([row + (u & 0xF), row + (u >> 4)], dim=-1).view(-1)       # element 2j low nibble, 2j+1 high
+    table, exact = (t.to(packed.device) for t in _fp4_to_e4m3_table())
+    small = (shift < _SHIFTS[0]).repeat_interleave(FP4_BLOCK // 2, dim=-1)       # below e4m3: only zeros survive
+    if not exact.index_select(0, idx).all() or (small & ((u & 0x77) != 0)).any():
+        raise ValueError("FP4 -> FP8 repacking would change some weights: a 128x128 tile mixes 32-input scales "
+                         "more than 2^14 apart; cast to bf16 instead")
+    q = table.index_select(0, idx).view(n, k)
+    return q.view(torch.float8_e4m3fn), tile.to(torch.uint8)
+
+
 def fp8_e8m0_dequant_torch(w: torch.Tensor, scale: torch.Tensor, block_size: tuple[int, int] = (128, 128),
                            dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """w: (N, K) float8_e4m3fn, scale: (ceil(N/bn), ceil(K/bk)) E8M0 bytes -> (N, K) `dtype`."""
@@ -94,6 +140,7 @@ __all__ = [
     "fp4_act_quant_dequant_torch",
     "fp4_dequant_torch",
     "fp4_round",
+    "fp4_to_fp8_torch",
     "fp4_unpack",
     "fp8_act_quant_dequant_torch",
     "fp8_e8m0_dequant_torch",

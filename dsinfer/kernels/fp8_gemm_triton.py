@@ -92,16 +92,22 @@ CUBLAS_MIN_M = 64   # from here on cuBLAS's block-scaled FP8 GEMM beats the Trit
 
 def _cublas_block_scaled(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.Tensor):
     """torch's block-scaled FP8 GEMM (cuBLAS, Hopper), or None where it does not apply: older torch, another
-    GPU, dims that are not multiples of 128, or the Triton interpreter."""
+    GPU, dims it does not take (N a multiple of 128; K of 512, since cuBLAS pads the weight scales' K blocks to
+    a multiple of 4), or the Triton interpreter."""
     F = torch.nn.functional
     (m, k), n = a.shape, b.shape[0]
-    if (interpreting() or not hasattr(F, "scaled_mm") or m < CUBLAS_MIN_M or k % 128 or n % 128
+    if (interpreting() or not hasattr(F, "scaled_mm") or m < CUBLAS_MIN_M or k % 512 or n % 128
             or torch.cuda.get_device_capability(a.device) != (9, 0)):
         return None
     from torch.nn.functional import ScalingType
+    pad = -m % 4                                          # cuBLAS needs 16-byte aligned columns of the scales
+    if pad:
+        a = torch.cat([a, a.new_zeros(pad, k)])
+        a_s = torch.cat([a_s, a_s.new_ones(pad, a_s.shape[1])])
     a_s_cm = a_s.t().contiguous().t()                     # cuBLAS wants the activation scales column-major
-    return F.scaled_mm(a, b.t(), a_s_cm, ScalingType.BlockWise1x128, b_s.t(), ScalingType.BlockWise128x128,
-                       output_dtype=torch.bfloat16)
+    c = F.scaled_mm(a, b.t(), a_s_cm, ScalingType.BlockWise1x128, b_s.t(), ScalingType.BlockWise128x128,
+                    output_dtype=torch.bfloat16)
+    return c[:m] if pad else c
 
 
 def fp8_gemm(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,16 @@ once. With expert parallelism a rank holds experts [first, first + n_local); slo
 
 Weights: the activation dtype, or FP8 e4m3 with 128x128 block scales, run either weight-only (bytes decoded to
 bf16 in registers, for small batches and GPUs without FP8) or block-scaled (activations quantized per token and
-128 channels, FP8 tensor cores; for large batches). Twin: `fused_moe_torch`, the per-expert loop.
+128 channels, FP8 tensor cores; for large batches), or DeepSeek-V4's FP4 e2m1 (two codes per byte, element 2k in
+the low nibble, one E8M0 scale byte per row and 32 inputs) decoded to bf16 in registers ("fp4_weight_only": there
+are no FP4 tensor cores before Blackwell). A packed K step of BLOCK_K/2 bytes becomes two bf16 tiles, the low and
+the high nibbles, which multiply the even and the odd input columns of the activations: two dots of depth
+BLOCK_K/2 and no register shuffle to interleave the nibbles.
+
+V4's experts also clamp before the SwiGLU (gate = min(gate, L), up = clamp(up, -L, L); `swiglu_limit`) and apply
+the routing weight to h before the down projection (`route_on_h`). The latter is the same linear map; it differs
+only in rounding, since h is stored in the activation dtype: bf16(h * w) (the reference) against bf16(h) * w.
+Twin: `fused_moe_torch`, the per-expert loop.
 """
 
 from __future__ import annotations
@@ -20,11 +29,13 @@ import torch
 import triton
 import triton.language as tl
 
+from .fp4 import fp4_dequant_torch
 from .fp8 import act_quant_torch, weight_dequant_torch
 from .fp8_weight_only_triton import e4m3_to_bf16
 from .triton_common import check_device, interpreting
 
-MOE_MODES = ("plain", "weight_only", "block_scaled")
+MOE_MODES = ("plain", "weight_only", "block_scaled", "fp4_weight_only")
+FP4_GROUP = 32                 # inputs per E8M0 scale of FP4 weights
 
 
 def _aligned_size(num_slots: int, n_local: int, block_m: int) -> int:
@@ -81,7 +92,8 @@ def align_slots(indices: torch.Tensor, first: int, n_local: int, block_m: int) -
     return sorted_slots, block_expert
 
 
-def align_slots_torch(indices: torch.Tensor, first: int, n_local: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+def align_slots_torch(indices: torch.Tensor, first: int, n_local: int,
+                      block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Twin of `align_slots` in tensor ops (a stable sort by expert)."""
     num_slots = indices.numel()
     device = indices.device
@@ -106,19 +118,47 @@ def align_slots_torch(indices: torch.Tensor, first: int, n_local: int, block_m: 
 
 
 @triton.jit
+def e2m1_to_float(code, scale):
+    """Decode FP4 e2m1 codes (integers 0..15: bit 3 the sign, bits 0-2 index 0, .5, 1, 1.5, 2, 3, 4, 6) times
+    their E8M0 scale bytes (2^(b - 127); 255 is NaN) to float32, exactly. A magnitude m >= 2 is exponent m >> 1
+    and mantissa bit m & 1, i.e. float32 bits (m << 22) + (126 << 23); m = 1 is 0.5 (126 << 23). The product of
+    two powers of two times at most two significant bits is exact (and so is its later cast to bf16)."""
+    c = code.to(tl.int32)
+    m = c & 7
+    bits = tl.where(m >= 2, (m << 22) + (126 << 23), tl.where(m == 1, 126 << 23, 0)) | ((c & 8) << 28)
+    b = scale.to(tl.int32)
+    s_bits = tl.where(b == 0, 0x400000, tl.where(b == 255, 0x7FC00000, b << 23))
+    return bits.to(tl.float32, bitcast=True) * s_bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _fp4_dot(a_lo, a_hi, u, s, DOT_FP32: tl.constexpr):
+    """a_lo, a_hi: (BLOCK_M, BLOCK_K/2) the even and odd input columns; u: (BLOCK_K/2, BLOCK_N) packed bytes
+    (w^T), s: their scale bytes -> a @ w^T over the BLOCK_K inputs, float32 (BLOCK_M, BLOCK_N)."""
+    w_lo = e2m1_to_float(u & 0xF, s)
+    w_hi = e2m1_to_float(u >> 4, s)
+    if DOT_FP32:   # Triton 3.6's interpreter mishandles low-precision dots: give it exact float32
+        return (tl.dot(a_lo.to(tl.float32), w_lo, input_precision="ieee")
+                + tl.dot(a_hi.to(tl.float32), w_hi, input_precision="ieee"))
+    return tl.dot(a_lo, w_lo.to(tl.bfloat16)) + tl.dot(a_hi, w_hi.to(tl.bfloat16))
+
+
+@triton.jit
 def _moe_gemm_kernel(
     a_ptr, a_s_ptr, w_ptr, w_s_ptr, w3_ptr, w3_s_ptr, out_ptr, slots_ptr, block_expert_ptr, route_w_ptr,   # pointers
     N, K, num_slots, top_k,                                                                               # sizes
     stride_am, stride_asm, stride_we, stride_wn, stride_wse, stride_wsn, stride_om,                       # strides
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GATED: tl.constexpr, A_PER_TOKEN: tl.constexpr, MUL_ROUTE: tl.constexpr, MODE: tl.constexpr,
-    DENSE: tl.constexpr, ACCUMULATE: tl.constexpr, SCATTER_ADD: tl.constexpr, DOT_FP32: tl.constexpr,
+    DENSE: tl.constexpr, ACCUMULATE: tl.constexpr, DOT_FP32: tl.constexpr,
+    SWIGLU_LIMIT: tl.constexpr,
 ):
-    """One (tile of sorted slots, BLOCK_N output columns). MODE 0: plain, 1: FP8 weight-only, 2: FP8 block-scaled.
-    GATED: out = silu(a @ w^T) * (a @ w3^T). A_PER_TOKEN: row of a = slot // top_k (else slot).
+    """One (tile of sorted slots, BLOCK_N output columns). MODE 0: plain, 1: FP8 weight-only, 2: FP8 block-scaled,
+    3: FP4 weight-only (w: (E, N, K/2) bytes, w_s: (E, N, K/32) E8M0 bytes; K is the unpacked depth).
+    GATED: out = silu(a @ w^T) * (a @ w3^T), with gate clamped above and up to +-SWIGLU_LIMIT when it is > 0.
+    A_PER_TOKEN: row of a = slot // top_k (else slot).
     MUL_ROUTE: out *= route_w[slot]. DENSE: one expert for every row (slot = token; a plain MLP).
-    ACCUMULATE: out += the result instead of out = it. SCATTER_ADD: atomically add into out's row of the slot's
-    token (the k slots of a token meet there; float32 addition order varies, by an ulp)."""
+    ACCUMULATE: out += the result instead of out = it."""
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
     if DENSE:
         expert = 0
@@ -134,61 +174,81 @@ def _moe_gemm_kernel(
     safe_n = (offs_n % N).to(tl.int64)
     offs_k = tl.arange(0, BLOCK_K)
     e = expert.to(tl.int64)
-    a_ptrs = a_ptr + rows[:, None] * stride_am + offs_k[None, :]                    # (BLOCK_M, BLOCK_K)
-    w_ptrs = w_ptr + e * stride_we + safe_n[None, :] * stride_wn + offs_k[:, None]  # (BLOCK_K, BLOCK_N) = w^T
-    w3_ptrs = w3_ptr + e * stride_we + safe_n[None, :] * stride_wn + offs_k[:, None]
-    w_s_ptrs = w_s_ptr + e * stride_wse + (safe_n // 128) * stride_wsn
-    w3_s_ptrs = w3_s_ptr + e * stride_wse + (safe_n // 128) * stride_wsn
-    a_s_ptrs = a_s_ptr + rows * stride_asm
-
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc3 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for i in range(tl.cdiv(K, BLOCK_K)):
-        k_mask = offs_k < K - i * BLOCK_K
-        a = tl.load(a_ptrs, mask=valid[:, None] & k_mask[None, :], other=0.0)
-        w = tl.load(w_ptrs, mask=k_mask[:, None], other=0.0)
-        if GATED:
-            w3 = tl.load(w3_ptrs, mask=k_mask[:, None], other=0.0)
-        if MODE == 1:                               # FP8 weight-only: decode bytes to bf16, scale per K step
-            w = e4m3_to_bf16(w)
+    if MODE == 3:                 # FP4: byte b of a row holds inputs 2b (low nibble) and 2b + 1 (high nibble)
+        offs_b = tl.arange(0, BLOCK_K // 2)
+        a_ptrs = a_ptr + rows[:, None] * stride_am + 2 * offs_b[None, :]                # even inputs; +1: odd
+        w_off = e * stride_we + safe_n[None, :] * stride_wn + offs_b[:, None]           # (BLOCK_K/2, BLOCK_N)
+        s_off = e * stride_wse + safe_n[None, :] * stride_wsn + (offs_b // 16)[:, None]    # 16 bytes a scale
+        for i in range(tl.cdiv(K, BLOCK_K)):
+            b_mask = offs_b < (K - i * BLOCK_K) // 2                                    # K is even
+            a_mask = valid[:, None] & b_mask[None, :]
+            a_lo = tl.load(a_ptrs, mask=a_mask, other=0.0)
+            a_hi = tl.load(a_ptrs + 1, mask=a_mask, other=0.0)
+            u = tl.load(w_ptr + w_off, mask=b_mask[:, None], other=0)
+            s = tl.load(w_s_ptr + s_off, mask=b_mask[:, None], other=127)
+            acc += _fp4_dot(a_lo, a_hi, u, s, DOT_FP32)
             if GATED:
-                w3 = e4m3_to_bf16(w3)
-        if DOT_FP32:   # Triton 3.6's interpreter mishandles low-precision dots: give it exact float32
-            part = tl.dot(a.to(tl.float32), w.to(tl.float32), input_precision="ieee")
+                u3 = tl.load(w3_ptr + w_off, mask=b_mask[:, None], other=0)
+                s3 = tl.load(w3_s_ptr + s_off, mask=b_mask[:, None], other=127)
+                acc3 += _fp4_dot(a_lo, a_hi, u3, s3, DOT_FP32)
+            a_ptrs += BLOCK_K
+            w_off += BLOCK_K // 2
+            s_off += BLOCK_K // 32
+    else:
+        a_ptrs = a_ptr + rows[:, None] * stride_am + offs_k[None, :]                    # (BLOCK_M, BLOCK_K)
+        w_ptrs = w_ptr + e * stride_we + safe_n[None, :] * stride_wn + offs_k[:, None]  # (BLOCK_K, BLOCK_N) = w^T
+        w3_ptrs = w3_ptr + e * stride_we + safe_n[None, :] * stride_wn + offs_k[:, None]
+        w_s_ptrs = w_s_ptr + e * stride_wse + (safe_n // 128) * stride_wsn
+        w3_s_ptrs = w3_s_ptr + e * stride_wse + (safe_n // 128) * stride_wsn
+        a_s_ptrs = a_s_ptr + rows * stride_asm
+
+        for i in range(tl.cdiv(K, BLOCK_K)):
+            k_mask = offs_k < K - i * BLOCK_K
+            a = tl.load(a_ptrs, mask=valid[:, None] & k_mask[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=k_mask[:, None], other=0.0)
             if GATED:
-                part3 = tl.dot(a.to(tl.float32), w3.to(tl.float32), input_precision="ieee")
-        else:
-            part = tl.dot(a, w)
-            if GATED:
-                part3 = tl.dot(a, w3)
-        if MODE == 0:
-            acc += part
-            if GATED:
-                acc3 += part3
-        else:
-            scale = tl.load(w_s_ptrs + i * BLOCK_K // 128)[None, :]
-            if MODE == 2:
-                scale = scale * tl.load(a_s_ptrs + i * BLOCK_K // 128, mask=valid, other=0.0)[:, None]
-            acc += part * scale
-            if GATED:
-                scale3 = tl.load(w3_s_ptrs + i * BLOCK_K // 128)[None, :]
+                w3 = tl.load(w3_ptrs, mask=k_mask[:, None], other=0.0)
+            if MODE == 1:                               # FP8 weight-only: decode bytes to bf16, scale per K step
+                w = e4m3_to_bf16(w)
+                if GATED:
+                    w3 = e4m3_to_bf16(w3)
+            if DOT_FP32:   # Triton 3.6's interpreter mishandles low-precision dots: give it exact float32
+                part = tl.dot(a.to(tl.float32), w.to(tl.float32), input_precision="ieee")
+                if GATED:
+                    part3 = tl.dot(a.to(tl.float32), w3.to(tl.float32), input_precision="ieee")
+            else:
+                part = tl.dot(a, w)
+                if GATED:
+                    part3 = tl.dot(a, w3)
+            if MODE == 0:
+                acc += part
+                if GATED:
+                    acc3 += part3
+            else:
+                scale = tl.load(w_s_ptrs + i * BLOCK_K // 128)[None, :]
                 if MODE == 2:
-                    scale3 = scale3 * tl.load(a_s_ptrs + i * BLOCK_K // 128, mask=valid, other=0.0)[:, None]
-                acc3 += part3 * scale3
-        a_ptrs += BLOCK_K
-        w_ptrs += BLOCK_K
-        w3_ptrs += BLOCK_K
+                    scale = scale * tl.load(a_s_ptrs + i * BLOCK_K // 128, mask=valid, other=0.0)[:, None]
+                acc += part * scale
+                if GATED:
+                    scale3 = tl.load(w3_s_ptrs + i * BLOCK_K // 128)[None, :]
+                    if MODE == 2:
+                        scale3 = scale3 * tl.load(a_s_ptrs + i * BLOCK_K // 128, mask=valid, other=0.0)[:, None]
+                    acc3 += part3 * scale3
+            a_ptrs += BLOCK_K
+            w_ptrs += BLOCK_K
+            w3_ptrs += BLOCK_K
 
     if GATED:
+        if SWIGLU_LIMIT > 0:                                                        # DeepSeek-V4's clamp
+            acc = tl.minimum(acc, SWIGLU_LIMIT)
+            acc3 = tl.minimum(tl.maximum(acc3, -SWIGLU_LIMIT), SWIGLU_LIMIT)
         acc = acc / (1.0 + tl.exp(-acc)) * acc3                                      # silu(gate) * up
     if MUL_ROUTE:
         acc *= tl.load(route_w_ptr + slots, mask=valid, other=0.0)[:, None]
-    out_rows = slots // top_k if SCATTER_ADD else slots
-    out_ptrs = out_ptr + out_rows[:, None].to(tl.int64) * stride_om + offs_n[None, :]
+    out_ptrs = out_ptr + slots[:, None].to(tl.int64) * stride_om + offs_n[None, :]
     out_mask = valid[:, None] & (offs_n[None, :] < N)
-    if SCATTER_ADD:
-        tl.atomic_add(out_ptrs, acc, mask=out_mask, sem="relaxed")
-        return
     if ACCUMULATE:
         acc += tl.load(out_ptrs, mask=out_mask, other=0.0).to(tl.float32)
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
@@ -206,7 +266,7 @@ def _launch_config(block_m: int, active_tiles: int, N: int, mode: str) -> tuple[
     """(BLOCK_N, BLOCK_K, num_warps, num_stages). Small batches read weights: narrow column tiles until about
     two programs run per SM (H100: 132), so every SM streams. Large batches compute: 128-wide tiles."""
     if interpreting():
-        return 32, 128 if mode != "plain" else 32, 4, 1
+        return 32, {"plain": 32, "fp4_weight_only": 64}.get(mode, 128), 4, 1
     if block_m >= 64:
         return 128, 128 if mode != "plain" else 64, 4, 3
     block_n = 64
@@ -216,13 +276,16 @@ def _launch_config(block_m: int, active_tiles: int, N: int, mode: str) -> tuple[
 
 
 def _gemm(a, a_s, w, w_s, w3, w3_s, out, sorted_slots, block_expert, route_w, top_k, mode, gated, block_m,
-          active_tiles, dense=False, accumulate=False) -> None:
-    """Launch one GEMM: gate/up (gated, rows of `a` per token) or down (rows per slot, routing weight,
-    scattered into the tokens' rows); `dense` runs every row through expert 0 (a plain MLP)."""
-    N, K = w.shape[1], w.shape[2]
+          active_tiles, dense=False, accumulate=False, swiglu_limit=0.0, route_on_h=False) -> None:
+    """Launch one GEMM: gate/up (gated, rows of `a` per token) or down (rows per slot, scattered into the tokens'
+    rows); the routing weight multiplies the down projection's output, or h in gate/up with `route_on_h`;
+    `dense` runs every row through expert 0 (a plain MLP)."""
+    N, K = w.shape[1], w.shape[2] * (2 if mode == "fp4_weight_only" else 1)
     block_n, block_k, warps, stages = _launch_config(block_m, active_tiles, N, mode)
-    if mode == "weight_only":                     # the kernel decodes e4m3 from raw bytes
+    if mode in ("weight_only", "fp4_weight_only"):     # the kernel decodes e4m3 / e2m1 and E8M0 from raw bytes
         w, w3 = w.view(torch.uint8), w3.view(torch.uint8)
+    if mode == "fp4_weight_only":
+        w_s, w3_s = w_s.view(torch.uint8), w3_s.view(torch.uint8)
     rows = a.shape[0] if dense else route_w.numel()
     grid = (triton.cdiv(rows, block_m) if dense else block_expert.numel(), triton.cdiv(N, block_n))
     dummy = out                                   # any tensor: pointers the constexpr flags never read
@@ -234,21 +297,69 @@ def _gemm(a, a_s, w, w_s, w3, w3_s, out, sorted_slots, block_expert, route_w, to
         a.stride(0), 0 if a_s is None else a_s.stride(0), w.stride(0), w.stride(1),
         0 if w_s is None else w_s.stride(0), 0 if w_s is None else w_s.stride(1), out.stride(0),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GATED=gated, A_PER_TOKEN=gated,
-        MUL_ROUTE=not gated and not dense, MODE=MOE_MODES.index(mode), DENSE=dense, ACCUMULATE=accumulate,
-        SCATTER_ADD=not gated and not dense, DOT_FP32=interpreting() or a.dtype == torch.float32,
+        MUL_ROUTE=not dense and gated == route_on_h, MODE=MOE_MODES.index(mode), DENSE=dense,
+        ACCUMULATE=accumulate,
+        DOT_FP32=interpreting() or a.dtype == torch.float32, SWIGLU_LIMIT=float(swiglu_limit) if gated else 0.0,
         num_warps=warps, num_stages=stages)
+
+
+def _check_args(mode: str, x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor,
+                scales: tuple[torch.Tensor | None, ...], swiglu_limit: float) -> None:
+    """ValueError/TypeError for a mode, weights and scales that do not go together (shapes as in `fused_moe`)."""
+    if mode not in MOE_MODES:
+        raise ValueError(f"unknown fused MoE mode {mode!r}; choose one of {', '.join(MOE_MODES)}")
+    if swiglu_limit < 0:
+        raise ValueError(f"swiglu_limit must be >= 0 (0: no clamp), got {swiglu_limit}")
+    check_device(x=x, w1=w1, w2=w2, w3=w3)
+    if mode != "fp4_weight_only":
+        return
+    E, inter, half = w1.shape
+    D = x.shape[1]
+    want = {"w1": (E, inter, D // 2), "w3": (E, inter, D // 2), "w2": (E, D, inter // 2),
+            "w1_s": (E, inter, D // FP4_GROUP), "w3_s": (E, inter, D // FP4_GROUP),
+            "w2_s": (E, D, inter // FP4_GROUP)}
+    got = {"w1": w1, "w3": w3, "w2": w2, "w1_s": scales[0], "w2_s": scales[1], "w3_s": scales[2]}
+    if D % FP4_GROUP or inter % FP4_GROUP:
+        raise ValueError(f"FP4 experts need the hidden size ({D}) and expert width ({inter}) to be multiples of "
+                         f"{FP4_GROUP}")
+    for name, t in got.items():
+        if t is None:
+            raise ValueError(f"mode 'fp4_weight_only' needs the E8M0 scales {name}")
+        dtypes = (torch.uint8, torch.float8_e8m0fnu) if name.endswith("_s") else (torch.uint8, torch.int8)
+        if t.dtype not in dtypes:
+            raise TypeError(f"FP4 {name} must be {' or '.join(str(d).removeprefix('torch.') for d in dtypes)}, "
+                            f"got {str(t.dtype).removeprefix('torch.')}")
+        if tuple(t.shape) != want[name] or not t.is_contiguous():
+            raise ValueError(f"FP4 {name} must be a contiguous {want[name]} tensor for x of width {D} and "
+                             f"experts of width {inter}; got {tuple(t.shape)}")
+
+
+def _activations(x: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The first GEMM's input: FP8 + per-token scales (block_scaled), bf16 where the kernel decodes weights to
+    bf16 (weight-only modes on GPU), else x."""
+    x = x.contiguous()
+    if mode == "block_scaled":
+        return _act_quant(x)
+    if mode in ("weight_only", "fp4_weight_only") and x.dtype != torch.bfloat16 and not interpreting():
+        x = x.to(torch.bfloat16)
+    return x, None
 
 
 def fused_moe(x: torch.Tensor, route_w: torch.Tensor, indices: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
               w3: torch.Tensor, w1_s: torch.Tensor | None = None, w2_s: torch.Tensor | None = None,
-              w3_s: torch.Tensor | None = None, first: int = 0, mode: str = "plain") -> torch.Tensor:
+              w3_s: torch.Tensor | None = None, first: int = 0, mode: str = "plain", swiglu_limit: float = 0.0,
+              route_on_h: bool = False) -> torch.Tensor:
     """Routed experts of one layer. x: (T, D) bf16/fp16/fp32; route_w: (T, k) float32; indices: (T, k) int64
-    global expert ids; w1, w3: (E_local, I, D), w2: (E_local, D, I) in x's dtype, or FP8 e4m3 with scales
-    w*_s: (E_local, ceil(rows/128), ceil(cols/128)) float32; first: global id of local expert 0.
-    mode: "plain" (weights in x's dtype), "weight_only" or "block_scaled" (FP8). Returns (T, D) float32."""
-    if mode not in MOE_MODES:
-        raise ValueError(f"unknown fused MoE mode {mode!r}; choose one of {', '.join(MOE_MODES)}")
-    check_device(x=x, w1=w1, w2=w2, w3=w3)
+    global expert ids; first: global id of local expert 0. Weights by mode:
+    - "plain": w1, w3: (E_local, I, D), w2: (E_local, D, I) in x's dtype;
+    - "weight_only" / "block_scaled": the same shapes in FP8 e4m3 with scales w*_s:
+      (E_local, ceil(rows/128), ceil(cols/128)) float32;
+    - "fp4_weight_only": w1, w3: (E_local, I, D/2), w2: (E_local, D, I/2) uint8/int8 packed e2m1 with scales
+      w*_s: (E_local, rows, cols/32) E8M0 bytes (uint8 or float8_e8m0fnu).
+    swiglu_limit > 0: gate = min(gate, L), up = clamp(up, -L, L) before silu(gate) * up (DeepSeek-V4).
+    route_on_h: multiply h by the routing weight before the down projection (V4's rounding) instead of after.
+    Returns (T, D) float32."""
+    _check_args(mode, x, w1, w2, w3, (w1_s, w2_s, w3_s), swiglu_limit)
     T, D = x.shape
     n_local, inter = w1.shape[0], w1.shape[1]
     top_k = indices.shape[1]
@@ -256,47 +367,38 @@ def fused_moe(x: torch.Tensor, route_w: torch.Tensor, indices: torch.Tensor, w1:
     active = min(indices.numel(), n_local) + indices.numel() // block_m     # tiles that do work, about
     sorted_slots, block_expert = align_slots(indices, first, n_local, block_m)
     route_w = route_w.float().contiguous().flatten()
-    x = x.contiguous()
-    a_s = None
-    if mode == "block_scaled":
-        x, a_s = _act_quant(x)
-    elif mode == "weight_only" and x.dtype != torch.bfloat16 and not interpreting():
-        x = x.to(torch.bfloat16)
+    x, a_s = _activations(x, mode)
     h_dtype = x.dtype if mode != "block_scaled" else torch.bfloat16
     h = torch.empty(T * top_k, inter, dtype=h_dtype, device=x.device)
-    _gemm(x, a_s, w1, w1_s, w3, w3_s, h, sorted_slots, block_expert, route_w, top_k, mode, True, block_m, active)
+    _gemm(x, a_s, w1, w1_s, w3, w3_s, h, sorted_slots, block_expert, route_w, top_k, mode, True, block_m, active,
+          swiglu_limit=swiglu_limit, route_on_h=route_on_h)
     h_s = None
     if mode == "block_scaled":
         h, h_s = _act_quant(h)
-    out = torch.zeros(T, D, dtype=torch.float32, device=x.device)
+    out = torch.zeros(T * top_k, D, dtype=torch.float32, device=x.device)   # slots of other ranks stay 0
     _gemm(h, h_s, w2, w2_s, w2, w2_s, out, sorted_slots, block_expert, route_w, top_k, mode, False, block_m,
-          active)
-    return out
+          active, route_on_h=route_on_h)
+    return out.view(T, top_k, D).sum(dim=1)       # in slot order: a token's sum does not depend on its batch
 
 
 def fused_mlp(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor, w1_s: torch.Tensor | None = None,
               w2_s: torch.Tensor | None = None, w3_s: torch.Tensor | None = None, mode: str = "plain",
-              out: torch.Tensor | None = None) -> torch.Tensor:
+              out: torch.Tensor | None = None, swiglu_limit: float = 0.0) -> torch.Tensor:
     """A dense SwiGLU MLP (the shared experts) through the same two kernels, every token on one "expert".
-    x: (T, D); w1, w3: (I, D), w2: (D, I), FP8 with (ceil(rows/128), ceil(cols/128)) scales in the FP8 modes.
+    x: (T, D); w1, w3: (I, D), w2: (D, I), FP8 with (ceil(rows/128), ceil(cols/128)) scales in the FP8 modes,
+    packed FP4 ((I, D/2), (D, I/2)) with (rows, cols/32) E8M0 scales in "fp4_weight_only".
     Returns (T, D) float32; with `out` ((T, D) float32, e.g. the routed experts' sum) the result is added into
-    it in the down projection's epilogue, and `out` is returned."""
-    if mode not in MOE_MODES:
-        raise ValueError(f"unknown fused MoE mode {mode!r}; choose one of {', '.join(MOE_MODES)}")
-    check_device(x=x, w1=w1, w2=w2, w3=w3)
-    T, D = x.shape
+    it in the down projection's epilogue, and `out` is returned. swiglu_limit as in `fused_moe`."""
     w1, w2, w3 = w1.unsqueeze(0), w2.unsqueeze(0), w3.unsqueeze(0)
     w1_s, w2_s, w3_s = (None if s is None else s.unsqueeze(0) for s in (w1_s, w2_s, w3_s))
+    _check_args(mode, x, w1, w2, w3, (w1_s, w2_s, w3_s), swiglu_limit)
+    T, D = x.shape
     block_m = _block_m(T, 1)
     active = triton.cdiv(T, block_m)
-    x = x.contiguous()
-    a_s = None
-    if mode == "block_scaled":
-        x, a_s = _act_quant(x)
-    elif mode == "weight_only" and x.dtype != torch.bfloat16 and not interpreting():
-        x = x.to(torch.bfloat16)
+    x, a_s = _activations(x, mode)
     h = torch.empty(T, w1.shape[1], dtype=x.dtype if mode != "block_scaled" else torch.bfloat16, device=x.device)
-    _gemm(x, a_s, w1, w1_s, w3, w3_s, h, None, None, None, 1, mode, True, block_m, active, dense=True)
+    _gemm(x, a_s, w1, w1_s, w3, w3_s, h, None, None, None, 1, mode, True, block_m, active, dense=True,
+          swiglu_limit=swiglu_limit)
     h_s = None
     if mode == "block_scaled":
         h, h_s = _act_quant(h)
@@ -316,25 +418,34 @@ def _act_quant(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def fused_moe_torch(x: torch.Tensor, route_w: torch.Tensor, indices: torch.Tensor, w1: torch.Tensor,
                     w2: torch.Tensor, w3: torch.Tensor, w1_s: torch.Tensor | None = None,
                     w2_s: torch.Tensor | None = None, w3_s: torch.Tensor | None = None, first: int = 0,
-                    mode: str = "plain") -> torch.Tensor:
-    """Twin of `fused_moe`: a loop over the local experts, weights dequantized. "block_scaled" also quantizes the
-    activations (per token and 128 channels) as the kernel does. Returns (T, D) float32."""
+                    mode: str = "plain", swiglu_limit: float = 0.0, route_on_h: bool = False) -> torch.Tensor:
+    """Twin of `fused_moe`: a loop over the local experts, weights dequantized (FP4 through `fp4_dequant_torch`).
+    "block_scaled" also quantizes the activations (per token and 128 channels) as the kernel does; "plain" and
+    "fp4_weight_only" round h to x's dtype as the kernel stores it. Returns (T, D) float32."""
     T, D = x.shape
     y = torch.zeros(T, D, dtype=torch.float32, device=x.device)
     for e in range(w1.shape[0]):
         token, j = torch.nonzero(indices == first + e, as_tuple=True)
         if token.numel() == 0:
             continue
-        ws = [w if s is None else weight_dequant_torch(w[e], s[e], (128, 128), torch.float32)
-              for w, s in ((w1, w1_s), (w3, w3_s), (w2, w2_s))]
-        ws = [w[e].float() if w.dim() == 3 else w for w in ws]
+        if mode == "fp4_weight_only":
+            ws = [fp4_dequant_torch(w[e], s[e], torch.float32) for w, s in ((w1, w1_s), (w3, w3_s), (w2, w2_s))]
+        else:
+            ws = [w[e].float() if s is None else weight_dequant_torch(w[e], s[e], (128, 128), torch.float32)
+                  for w, s in ((w1, w1_s), (w3, w3_s), (w2, w2_s))]
         a = _quant_dequant(x[token].float()) if mode == "block_scaled" else x[token].float()
-        h = torch.nn.functional.silu(a @ ws[0].T) * (a @ ws[1].T)
+        gate, up = a @ ws[0].T, a @ ws[1].T
+        if swiglu_limit > 0:
+            gate, up = gate.clamp(max=swiglu_limit), up.clamp(-swiglu_limit, swiglu_limit)
+        h = torch.nn.functional.silu(gate) * up
+        weight = route_w[token, j, None].float()
+        if route_on_h:
+            h = h * weight
         if mode == "block_scaled":
             h = _quant_dequant(h.to(torch.bfloat16).float())
-        elif mode == "plain":
+        elif mode in ("plain", "fp4_weight_only"):
             h = h.to(x.dtype).float()
-        y.index_add_(0, token, (h @ ws[2].T) * route_w[token, j, None].float())
+        y.index_add_(0, token, h @ ws[2].T if route_on_h else (h @ ws[2].T) * weight)
     return y
 
 

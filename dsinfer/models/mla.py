@@ -18,9 +18,9 @@ from torch import nn
 from ..kernels import mla_attention_torch, mla_naive_attention_torch
 from ..kernels.cache_write import store_latent, store_latent_torch
 from ..kernels.mla_triton import mla_attention as mla_attention_triton
+from ..parallel import ParallelState
 from .args import ModelArgs
 from .batch import AttentionMetadata
-from ..parallel import ParallelState
 from .layers import ColumnParallelLinear, Linear, RMSNorm, RowParallelLinear
 from .rope import apply_rotary
 

@@ -49,11 +49,13 @@ MOE_BACKENDS = ("torch", "triton")    # who runs the routed experts: a loop over
 
 
 def set_moe_backend(model: nn.Module, backend: str) -> None:
-    """Run the routed experts of every MoE layer of `model` with the per-expert loop or the fused Triton kernel."""
+    """Run the routed experts of every MoE layer of `model` (DeepSeek V2/V3 or V4) with the per-expert loop or the
+    fused Triton kernel."""
     if backend not in MOE_BACKENDS:
         raise ValueError(f"unknown MoE backend {backend!r}; choose one of {', '.join(MOE_BACKENDS)}")
+    from .v4_moe import Experts as ExpertsV4
     for m in model.modules():
-        if isinstance(m, Experts):
+        if isinstance(m, (Experts, ExpertsV4)):
             m.backend = backend
 
 

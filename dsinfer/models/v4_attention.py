@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..kernels.fp4 import fp8_act_quant_dequant_torch
+from ..kernels.v4_sparse_attention import sparse_attention_torch
 from .args_v4 import CSA, SLIDING, ModelArgsV4
 from .layers import Linear, RMSNorm
 from .rope import apply_rotary
@@ -78,16 +79,15 @@ class Attention(nn.Module):
         o = torch.empty_like(q)
         for b, state in enumerate(states):
             rows, p0 = batch.rows(b), batch.start_pos[b]
-            entries, visible = None, None
+            entries, picked = None, None
             if self.kind != SLIDING:
                 entries = self.compressor(x[rows], p0, state.compressor, rope_table, self.simulate_qat)
                 if self.indexer is not None:
-                    visible = self.indexer(x[rows], qr[rows], p0, state.indexer, rope_table, self.simulate_qat)
-                else:
-                    positions = batch.positions[rows]
-                    visible = torch.arange(entries.shape[0], device=x.device)[None] < \
-                        ((positions + 1) // self.ratio)[:, None]
-            o[rows] = self._attend(q[rows], kv[rows], p0, state, entries, visible)
+                    picked = self.indexer(x[rows], qr[rows], p0, state.indexer, rope_table, self.simulate_qat)
+                else:                                                               # HCA: every visible entry
+                    every = torch.arange(entries.shape[0], device=x.device)[None]
+                    picked = every.masked_fill(every >= ((batch.positions[rows] + 1) // self.ratio)[:, None], -1)
+            o[rows] = self._attend(q[rows], kv[rows], p0, state, entries, picked)
 
         # Undo the rotation the values carried: rotate the output's rope part by minus the query angle.
         o = torch.cat([o[..., :-rd], apply_rotary(o[..., -rd:], cos_sin * cos_sin.new_tensor([1.0, -1.0]))], -1)
@@ -97,21 +97,18 @@ class Attention(nn.Module):
         return self.wo_b(z.flatten(1))
 
     def _attend(self, q: torch.Tensor, kv: torch.Tensor, p0: int, state: LayerState, entries: torch.Tensor | None,
-                visible: torch.Tensor | None) -> torch.Tensor:
-        """One sequence: q (S, H, d), kv (S, d) new rows at positions p0..; entries (n, d) with visible (S, n).
-        Appends kv to the window state. Returns (S, H, d) in q's dtype."""
+                picked: torch.Tensor | None) -> torch.Tensor:
+        """One sequence: q (S, H, d), kv (S, d) new rows at positions p0..; entries (n, d) with picked (S, k)
+        indices into them (-1 = none). Appends kv to the window state. Returns (S, H, d) in q's dtype."""
         S, W = q.shape[0], self.window_size
-        past = state.window if state.window is not None else kv.new_zeros(0, kv.shape[-1])
+        past = state.past_window(p0)
+        past = past if past is not None else kv.new_zeros(0, kv.shape[-1])
         keys = torch.cat([past, kv])                                                # (Wp + S, d)
-        key_pos = torch.arange(p0 - past.shape[0], p0 + S, device=q.device)
-        q_pos = torch.arange(p0, p0 + S, device=q.device)[:, None]
-        allowed = (key_pos[None] <= q_pos) & (key_pos[None] > q_pos - W)            # (S, Wp + S)
-        state.window = keys[max(0, keys.shape[0] - (W - 1)):]
+        state.keep_window(keys[max(0, keys.shape[0] - (W - 1)):], p0 + S)
+        # query s sees the rows of positions p0 + s - j, j < W: key index past.shape[0] + s - j where that is >= 0
+        window = past.shape[0] + torch.arange(S, device=q.device)[:, None] - torch.arange(W, device=q.device)
+        indices = window.masked_fill(window < 0, -1)                                # (S, W)
         if entries is not None and entries.shape[0]:
+            indices = torch.cat([indices, torch.where(picked >= 0, picked + keys.shape[0], -1)], dim=1)
             keys = torch.cat([keys, entries])
-            allowed = torch.cat([allowed, visible], dim=1)
-        logits = torch.einsum("shd,td->hst", q.float(), keys.float()) * self.softmax_scale
-        logits = logits.masked_fill(~allowed, float("-inf"))
-        sink = self.attn_sink.float().view(-1, 1, 1).expand(-1, S, 1)
-        probs = torch.cat([logits, sink], dim=-1).softmax(dim=-1)[..., :-1]          # (H, S, keys)
-        return torch.einsum("hst,td->shd", probs, keys.float()).to(q.dtype)
+        return sparse_attention_torch(q, keys, indices, self.attn_sink, self.softmax_scale)

@@ -57,23 +57,25 @@ class Compressor(nn.Module):
         score = F.linear(xf, self.wgate.weight.float())
         slot = torch.arange(start_pos, start_pos + S, device=x.device) % m
         score = score + self.ape[slot]
-        first = state.num_entries                      # window index of the first buffered token
-        assert start_pos - state.num_buffered == first * m, "compressor state out of step with the sequence"
-        if state.kv is not None:
-            kv, score = torch.cat([state.kv, kv]), torch.cat([state.score, score])
+        first = start_pos // m                         # window index of the first buffered token
+        held = state.buffered(start_pos)
+        if held is not None:
+            kv, score = torch.cat([held[0], kv]), torch.cat([held[1], score])
         usable = kv.shape[0] // m * m
-        state.kv, state.score = kv[usable:], score[usable:]
-        if usable == 0:
-            return state.entries if state.entries is not None else x.new_zeros(0, d)
         n = usable // m
-        kv, score = kv[:usable].view(n, m, -1), score[:usable].view(n, m, -1)       # (n, m, width)
-        if self.overlap:
-            prev_kv = kv.new_zeros(1, m, d) if state.prev_kv is None else state.prev_kv[None]
-            prev_score = score.new_full((1, m, d), float("-inf")) if state.prev_score is None \
-                else state.prev_score[None]
-            state.prev_kv, state.prev_score = kv[-1, :, :d], score[-1, :, :d]
+        prev = state.previous(start_pos) if self.overlap and n else None
+        kv_rest, score_rest = kv[usable:], score[usable:]
+        width = kv.shape[-1]
+        kv, score = kv[:usable].view(n, m, width), score[:usable].view(n, m, width)   # (n, m, width)
+        last = (kv[-1, :, :d], score[-1, :, :d]) if self.overlap and n else None
+        if self.overlap and n:                         # (prev is read before `keep` may overwrite it)
+            prev_kv = kv.new_zeros(1, m, d) if prev is None else prev[0][None]
+            prev_score = score.new_full((1, m, d), float("-inf")) if prev is None else prev[1][None]
             kv = torch.cat([torch.cat([prev_kv, kv[:-1, :, :d]]), kv[..., d:]], dim=1)              # (n, 2m, d)
             score = torch.cat([torch.cat([prev_score, score[:-1, :, :d]]), score[..., d:]], dim=1)
+        state.keep(kv_rest, score_rest, last)
+        if n == 0:
+            return state.read_entries(first) if first else x.new_zeros(0, d)
         pooled = (kv * score.softmax(dim=1)).sum(dim=1)                              # (n, d) float32
         entries = self.norm(pooled.to(x.dtype))
         positions = (first + torch.arange(n, device=x.device)) * m                   # each window's first token
@@ -85,8 +87,8 @@ class Compressor(nn.Module):
                 entries = fp4_act_quant_dequant_torch(entries)
         elif simulate_qat:
             entries = torch.cat([fp8_act_quant_dequant_torch(entries[:, :-rd], KV_QAT_BLOCK), entries[:, -rd:]], -1)
-        state.entries = entries if state.entries is None else torch.cat([state.entries, entries])
-        return state.entries
+        state.add_entries(entries, first)
+        return state.read_entries(first + n)
 
 
 class _Fp32Weight(nn.Module):

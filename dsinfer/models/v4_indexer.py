@@ -32,14 +32,15 @@ class Indexer(nn.Module):
 
     def forward(self, x: torch.Tensor, qr: torch.Tensor, start_pos: int, state: CompressorState,
                 rope_table: torch.Tensor, simulate_qat: bool) -> torch.Tensor:
-        """One sequence: x (S, D), qr (S, q_lora) at positions start_pos... Returns which compressed entries
-        each query attends to, (S, n) bool, n = the entries finished so far."""
+        """One sequence: x (S, D), qr (S, q_lora) at positions start_pos... Returns the compressed entries
+        each query attends to, (S, min(index_topk, n)) int64 indices into the n entries finished so far, -1 where
+        fewer are visible."""
         S = x.shape[0]
         positions = torch.arange(start_pos, start_pos + S, device=x.device)
         keys = self.compressor(x, start_pos, state, rope_table, simulate_qat)          # (n, head_dim)
         n = keys.shape[0]
         if n == 0:
-            return torch.zeros(S, 0, dtype=torch.bool, device=x.device)
+            return torch.zeros(S, 0, dtype=torch.int64, device=x.device)
         q = self.wq_b(qr).view(S, self.n_heads, self.head_dim)
         rd = self.rope_head_dim
         q = torch.cat([q[..., :-rd], apply_rotary(q[..., -rd:], rope_table[positions])], dim=-1)
@@ -51,6 +52,7 @@ class Indexer(nn.Module):
         index = (scores * w.unsqueeze(-1)).sum(dim=1)                                       # (S, n)
         visible = torch.arange(n, device=x.device)[None] < ((positions + 1) // self.ratio)[:, None]
         index = index.masked_fill(~visible, float("-inf"))
+        # Ties (ReLU makes scores exactly 0) are broken as topk breaks them, as in HF and the reference; topk's
+        # choice among ties can depend on the row length, so batched and alone may then pick different entries.
         top = index.topk(min(self.topk, n), dim=-1).indices                                 # (S, k)
-        chosen = torch.zeros(S, n, dtype=torch.bool, device=x.device).scatter_(1, top, True)
-        return chosen & visible
+        return top.masked_fill(~visible.gather(1, top), -1)

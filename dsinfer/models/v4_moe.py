@@ -6,8 +6,11 @@
 - Experts: SwiGLU with a clamp, gate = min(x W1, L), up = clamp(x W3, -L, L), h = silu(gate) * up in float32;
   the routing weight multiplies h before W2 (as the reference). The shared expert is clamped the same way.
 - Routed expert weights are stacked per layer and stay in the checkpoint's format: bf16/fp32, FP8 e4m3 with
-  128x128 block scales, or FP4 e2m1 packed two per byte with one E8M0 scale per 32 inputs. This file
-  dequantizes one expert at a time in PyTorch; the fused kernels come later.
+  128x128 block scales, or FP4 e2m1 packed two per byte with one E8M0 scale per 32 inputs.
+- Two backends (`Experts.backend`, set by `moe.set_moe_backend`): "torch" dequantizes one expert at a time (a
+  loop that waits for the host once per layer); "triton" runs the routed experts in the fused MoE kernel
+  (FP4 decoded in registers, the clamp and the routing weight on h inside) and adds the shared expert in the
+  same kernels' dense form, without a host sync.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from torch import nn
 from ..kernels import weight_dequant_torch
 from ..kernels.fp4 import fp4_dequant_torch
 from .args_v4 import ModelArgsV4
-from .layers import Linear
+from .layers import Linear, resolve_fp8_impl
 
 
 def swiglu_clamped(gate: torch.Tensor, up: torch.Tensor, limit: float) -> torch.Tensor:
@@ -57,6 +60,16 @@ class Gate(nn.Module):
         return weights * self.route_scale, indices
 
 
+def _fp8_mode(fp8_impl: str, device: torch.device, block_size: tuple[int, int], num_slots: int,
+              n_experts: int) -> str:
+    """The fused kernel's FP8 mode, as for V3's experts: block_scaled where fp8_impl picks FP8 tensor cores,
+    except that "auto" keeps weight-only while each expert sees few tokens (reading weights dominates)."""
+    impl = resolve_fp8_impl(fp8_impl, device, block_size)
+    if impl == "fp8_gemm" and (fp8_impl != "auto" or num_slots > 16 * n_experts):
+        return "block_scaled"
+    return "weight_only"
+
+
 class Experts(nn.Module):
     """Routed experts, stacked: w1/w3 (E, I, D), w2 (E, D, I) when dense. The loader replaces them by FP8
     stacks with `w*_scale` (E, blocks, blocks) float32, or FP4 stacks (E, N, K/2) uint8 with `w*_scale`
@@ -65,6 +78,8 @@ class Experts(nn.Module):
     def __init__(self, n_experts: int, dim: int, inter_dim: int, block_size: tuple[int, int] = (128, 128)):
         super().__init__()
         self.n_experts, self.block_size = n_experts, block_size
+        self.backend = "torch"            # or "triton" (the fused kernel); see moe.set_moe_backend
+        self.fp8_impl = "auto"            # FP8 stacks only; see layers.set_fp8_impl
         self.w1 = nn.Parameter(torch.empty(n_experts, inter_dim, dim), requires_grad=False)   # gate
         self.w2 = nn.Parameter(torch.empty(n_experts, dim, inter_dim), requires_grad=False)   # down
         self.w3 = nn.Parameter(torch.empty(n_experts, inter_dim, dim), requires_grad=False)   # up
@@ -77,6 +92,15 @@ class Experts(nn.Module):
         if self.w1.dtype == torch.uint8:
             return "fp4"
         return "fp8" if self.w1.dtype == torch.float8_e4m3fn else "dense"
+
+    def fused_mode(self, num_slots: int, device: torch.device) -> str:
+        """The fused kernel's mode for these stacks and `num_slots` routed slots."""
+        fmt = self.fmt
+        if fmt == "fp4":
+            return "fp4_weight_only"
+        if fmt == "dense":
+            return "plain"
+        return _fp8_mode(self.fp8_impl, device, self.block_size, num_slots, self.n_experts)
 
     def weight(self, name: str, e: int, dtype: torch.dtype) -> torch.Tensor:
         """Expert e's weight `name` ("w1", "w2", "w3") dequantized to `dtype`."""
@@ -107,6 +131,14 @@ class SharedExpert(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(swiglu_clamped(self.w1(x), self.w3(x), self.limit).to(x.dtype))
 
+    def fused(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """x: (T, D); adds the expert's output into `out` ((T, D) float32) through the fused kernels."""
+        from ..kernels.fused_moe import fused_mlp
+        w1, w2, w3 = self.w1, self.w2, self.w3
+        mode = "plain" if w1.scale is None else _fp8_mode(w1.fp8_impl, x.device, w1.block_size, x.shape[0], 1)
+        return fused_mlp(x, w1.weight, w2.weight, w3.weight, w1.scale, w2.scale, w3.scale, mode, out=out,
+                         swiglu_limit=self.limit)
+
 
 class MoE(nn.Module):
     def __init__(self, layer_id: int, args: ModelArgsV4):
@@ -120,6 +152,12 @@ class MoE(nn.Module):
     def forward(self, x: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
         """x: (T, D), token_ids: (T,) -> (T, D). Routed outputs summed in float32, then the shared expert."""
         weights, indices = self.gate(x, token_ids)                                     # (T, k), (T, k)
+        if self.experts.backend == "triton":
+            from ..kernels.fused_moe import fused_moe
+            e = self.experts
+            y = fused_moe(x, weights, indices, e.w1, e.w2, e.w3, e.w1_scale, e.w2_scale, e.w3_scale,
+                          mode=e.fused_mode(indices.numel(), x.device), swiglu_limit=self.limit, route_on_h=True)
+            return self.shared_experts.fused(x, y).to(x.dtype)
         flat = indices.flatten()
         order = flat.argsort(stable=True)                                              # slots grouped by expert
         token, weight = order // indices.shape[1], weights.flatten()[order]

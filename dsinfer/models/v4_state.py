@@ -5,6 +5,11 @@ and for compressed layers the compressor state: the projections of the tokens of
 first half of the last finished window (overlapping CSA windows reach one window back) and the finished
 compressed entries. CSA layers hold the same again for the indexer's own compressor (its entries are the
 indexer keys). Prefill and decode are one code path: any number of new tokens continues from this state.
+
+The model reads and writes the state only through the methods below, given positions, so the storage can
+differ: here it is growing tensors of one sequence (the plain path, and the engine's test oracle); the engine
+keeps the same state in fixed slots and pages (engine/v4_cache.py). Everything stored is a function of the
+positions, so a store never needs resetting: a sequence that starts again at position 0 reads nothing old.
 """
 
 from __future__ import annotations
@@ -26,9 +31,29 @@ class CompressorState:
     def num_entries(self) -> int:
         return 0 if self.entries is None else self.entries.shape[0]
 
-    @property
-    def num_buffered(self) -> int:
-        return 0 if self.kv is None else self.kv.shape[0]
+    def buffered(self, start_pos: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(kv, score) of the start_pos % ratio tokens of the unfinished window, or None if there are none."""
+        return None if self.kv is None or self.kv.shape[0] == 0 else (self.kv, self.score)
+
+    def previous(self, start_pos: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Overlap: (kv, score) first halves of window start_pos // ratio - 1, or None before the first."""
+        return None if self.prev_kv is None else (self.prev_kv, self.prev_score)
+
+    def keep(self, kv: torch.Tensor, score: torch.Tensor, prev: tuple[torch.Tensor, torch.Tensor] | None) -> None:
+        """Store the unfinished window's rows (they start at a window boundary) and, if a window finished,
+        its first halves."""
+        self.kv, self.score = kv, score
+        if prev is not None:
+            self.prev_kv, self.prev_score = prev
+
+    def add_entries(self, entries: torch.Tensor, first: int) -> None:
+        """Append entries first, first + 1, ...: (n, d)."""
+        assert first == self.num_entries, "compressor state out of step with the sequence"
+        self.entries = entries if self.entries is None else torch.cat([self.entries, entries])
+
+    def read_entries(self, n: int) -> torch.Tensor:
+        """Entries 0 .. n - 1, (n, d); n > 0."""
+        return self.entries[:n]
 
 
 @dataclass
@@ -36,6 +61,14 @@ class LayerState:
     window: torch.Tensor | None = None     # (<= window_size - 1, head_dim): the latest key/value rows
     compressor: CompressorState | None = None
     indexer: CompressorState | None = None
+
+    def past_window(self, start_pos: int) -> torch.Tensor | None:
+        """The rows of positions max(0, start_pos - window_size + 1) .. start_pos - 1, or None at position 0."""
+        return self.window
+
+    def keep_window(self, rows: torch.Tensor, end_pos: int) -> None:
+        """Remember rows (<= window_size - 1 of them), the last of which is position end_pos - 1."""
+        self.window = rows
 
 
 @dataclass

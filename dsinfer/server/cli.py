@@ -79,7 +79,7 @@ def cmd_serve(args) -> int:
         gpu_memory_utilization=args.gpu_memory_utilization, cpu_cache_gib=args.cpu_cache_gib,
         attn_impl=args.attn_impl, attn_backend=args.attn_backend, enforce_eager=args.enforce_eager,
         tensor_parallel_size=args.tp,
-        enable_prefix_caching=not args.no_prefix_caching, seed=args.seed, progress=sys.stderr.isatty())
+        enable_prefix_caching=False if args.no_prefix_caching else None, seed=args.seed, progress=sys.stderr.isatty())
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
     engine = engine_config
     if args.random_weights:

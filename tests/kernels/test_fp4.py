@@ -10,6 +10,7 @@ from dsinfer.kernels.fp4 import (
     e8m0_to_float,
     fp4_act_quant_dequant_torch,
     fp4_dequant_torch,
+    fp4_to_fp8_torch,
     fp4_unpack,
     fp8_act_quant_dequant_torch,
     fp8_e8m0_dequant_torch,
@@ -121,3 +122,41 @@ def test_fp8_act_round_trip_is_e4m3_times_power_of_two(k):
         codes = (yb / s)
         assert torch.equal(codes.to(torch.float8_e4m3fn).float(), codes)        # exactly representable
         assert ((yb - xb).abs() <= s * 2.0 ** -4 * xb.abs().div(s).clamp(min=2.0 ** -6) + 1e-12).all()
+
+
+@pytest.mark.parametrize("n,k,block", [(128, 128, (128, 128)), (256, 512, (128, 128)), (200, 160, (128, 128)),
+                                       (64, 96, (32, 64))])
+def test_fp4_to_fp8_is_exact_with_the_reference_tile_scale(n, k, block):
+    """Every value of the FP8 repacking, decoded bit by bit, equals the FP4 value; a tile's scale is its largest
+    32-input scale over 2^6 (edge tiles included); no e4m3 code exceeds 384."""
+    g = torch.Generator().manual_seed(n + k)
+    packed = torch.randint(0, 256, (n, k // 2), generator=g, dtype=torch.uint8)
+    scale = torch.randint(114, 129, (n, k // 32), generator=g, dtype=torch.uint8)   # spans 2^14: exact
+    q, s = fp4_to_fp8_torch(packed.view(torch.int8), scale.view(torch.float8_e8m0fnu), block)
+    assert q.dtype == torch.float8_e4m3fn and s.dtype == torch.uint8
+    assert s.shape == (-(-n // block[0]), -(-k // block[1]))
+    e4m3 = torch.tensor([e4m3_bits(b) for b in range(256)], dtype=torch.float64)
+    e2m1 = torch.tensor([e2m1_bits(c) for c in range(16)], dtype=torch.float64)
+    b = packed.long()
+    fp4 = e2m1[torch.stack([b & 15, b >> 4], -1).flatten(-2)] * \
+        torch.exp2(scale.double() - 127).repeat_interleave(32, -1)
+    for i in range(s.shape[0]):
+        for j in range(s.shape[1]):
+            rows, cols = slice(i * block[0], (i + 1) * block[0]), slice(j * block[1], (j + 1) * block[1])
+            sub = scale[rows, j * block[1] // 32:(j + 1) * block[1] // 32]
+            assert int(s[i, j]) == int(sub.max()) - 6
+            codes = e4m3[q[rows, cols].view(torch.uint8).long()]
+            assert codes.abs().max() <= 384
+            assert torch.equal(codes * e8m0_bits(int(s[i, j])), fp4[rows, cols])
+
+
+def test_fp4_to_fp8_refuses_to_lose_values():
+    packed = torch.full((128, 64), 0x11, dtype=torch.uint8)            # every value 0.5 * its scale
+    scale = torch.full((128, 4), 120, dtype=torch.uint8)
+    scale[0, 0] = 140                                                   # 2^20 above the rest of the tile
+    with pytest.raises(ValueError, match="cast to bf16 instead"):
+        fp4_to_fp8_torch(packed, scale)
+    scale[0, 0] = 133                                                   # 2^13: still exact
+    q, s = fp4_to_fp8_torch(packed, scale)
+    assert int(s[0, 0]) == 127 and torch.equal(fp8_e8m0_dequant_torch(q, s, dtype=torch.float32),
+                                               fp4_dequant_torch(packed, scale, torch.float32))

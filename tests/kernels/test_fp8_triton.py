@@ -153,7 +153,7 @@ def test_weight_dequant_matches_twin(n, k):
 # -- fp8_gemm ----------------------------------------------------------------------------------------------------
 
 GRID = [(m, n, k) for m in (1, 3, 64) for n, k in ((64, 128), (200, 200), (257, 384))] + [(3, 64, 384), (64, 257, 128)]
-GRID += [(64, 256, 384), (200, 128, 256)]     # 128-multiples from M = 64: cuBLAS's block-scaled GEMM on an H100
+GRID += [(64, 256, 512), (203, 128, 1024)]    # from M = 64, N % 128 = K % 512 = 0: cuBLAS's GEMM on an H100
 
 
 @pytest.mark.parametrize("scale_fmt", [None, "ue8m0"])
