@@ -1,8 +1,7 @@
 """`dsinfer bench`: decode and prefill speed of a random-weight model with the exact shapes of a named config,
 built on the device without a checkpoint, measured through the engine, against the memory-bandwidth limit.
 DeepSeek-V4 (`--config v4-flash`) is built in its published formats (FP8 linears, FP4 routed experts) and timed
-through its model's ragged-batch forward with greedy sampling on the device, as EngineV4 steps it (V4 has no paged
-engine yet), on one device.
+through the same engine (eager: no CUDA graphs for V4 yet), on one device.
 
 Weight bytes read per decode step are counted as spec/anchors.md counts them: every non-expert weight once
 (attention, dense layers, shared experts, router, LM head, the embedding rows used), plus the routed experts the
@@ -11,6 +10,7 @@ batch touches: with uniform routing, a layer with E experts and top-k touches E 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -204,13 +204,17 @@ def run_bench(cfg: dict, config: EngineConfig, batches: list[int], prompt_len: i
     from .engine import Engine
     from .sampling import SamplingParams
 
-    if cfg.get("model_type") == "deepseek_v4":
-        return run_bench_v4(cfg, config, batches, prompt_len, decode_steps, prefill_len, out)
-
-    args = ModelArgs.from_hf_config(cfg)
+    v4 = cfg.get("model_type") == "deepseek_v4"
+    args = ModelArgsV4.from_hf_config(cfg) if v4 else ModelArgs.from_hf_config(cfg)
     device = config.torch_device
     t0 = time.perf_counter()
-    engine = Engine.from_random(cfg, config)         # under tensor parallelism, every rank builds its part
+    if v4:                                           # the paged engine over random published-format weights
+        if config.tensor_parallel_size > 1:
+            raise ValueError("DeepSeek-V4 runs on one device; use --tp 1")
+        config = dataclasses.replace(config, enable_prefix_caching=False)
+        engine = Engine.from_model(random_model_v4(args, config.torch_dtype, device), args, config)
+    else:
+        engine = Engine.from_random(cfg, config)     # under tensor parallelism, every rank builds its part
     model, device = engine.model, engine.device
     _sync(device)
     build_s = time.perf_counter() - t0
@@ -264,7 +268,7 @@ def run_bench(cfg: dict, config: EngineConfig, batches: list[int], prompt_len: i
 
     name = (f"{cfg['model_type']}, {args.n_layers} layers, {args.n_routed_experts} experts "
             f"top-{args.n_activated_experts}")
-    quant = "fp8 128x128" if args.quant else config.dtype
+    quant = "fp8 linears, fp4 experts" if v4 else "fp8 128x128" if args.quant else config.dtype
     n = engine.parallel.world_size
     ranks = f" x {n} ranks (tensor parallel; weight bytes per rank)" if n > 1 else ""
     out(f"model: {name}, weights {quant}, random; device {device}{ranks}; built in {build_s:.1f} s")
@@ -280,92 +284,4 @@ def run_bench(cfg: dict, config: EngineConfig, batches: list[int], prompt_len: i
         frac = f"{100 * r.bandwidth_fraction:.0f}%" if r.bandwidth_fraction is not None else "n/a (CPU)"
         out(f"| {r.batch} | {r.decode_tokens_per_s:,.1f} | {r.step_ms:.2f} | {r.weight_bytes / 1e9:.2f} GB | {frac} |")
     engine.shutdown()
-    return results
-
-
-def run_bench_v4(cfg: dict, config: EngineConfig, batches: list[int], prompt_len: int, decode_steps: int,
-                 prefill_len: int, out=print) -> list[BenchResult]:
-    """`run_bench` for DeepSeek-V4: the random published-format model, stepped as EngineV4 steps it (one ragged
-    forward per step, greedy tokens chosen on the device)."""
-    from .kernels.mla_triton import triton_available
-    from .models.layers import set_fp8_impl
-    from .models.moe import set_moe_backend
-
-    if config.tensor_parallel_size > 1:
-        raise ValueError("DeepSeek-V4 benchmarks run on one device; use --tp 1")
-    args = ModelArgsV4.from_hf_config(cfg)
-    device = config.torch_device
-    t0 = time.perf_counter()
-    model = random_model_v4(args, config.torch_dtype, device)
-    _sync(device)
-    build_s = time.perf_counter() - t0
-    set_fp8_impl(model, config.fp8_impl)
-    moe_backend = config.moe_backend
-    if moe_backend == "auto":
-        moe_backend = "triton" if device.type == "cuda" and triton_available() else "torch"
-    set_moe_backend(model, moe_backend)
-    model.init_rope(max(prompt_len + decode_steps + 2, prefill_len + 1), device)
-    g = torch.Generator().manual_seed(0)
-
-    def prompt(n):
-        return torch.randint(0, args.vocab_size, (n,), generator=g).to(device)
-
-    @torch.inference_mode()
-    def prefill(lengths: list[int]):
-        """New sequences of these prompt lengths in one forward -> their states and first tokens (on device)."""
-        states = [model.new_state() for _ in lengths]
-        h = model(torch.cat([prompt(n) for n in lengths]), states, lengths)
-        last = torch.tensor(lengths, device=device).cumsum(0) - 1
-        return states, model.compute_logits(h[last]).argmax(-1)
-
-    @torch.inference_mode()
-    def decode(states, tokens):
-        return model.compute_logits(model(tokens, states, [1] * len(states))).argmax(-1)
-
-    t0 = time.perf_counter()
-    _, tok = prefill([prompt_len])
-    tok.cpu()
-    ttft_warm = time.perf_counter() - t0                      # includes kernel compilation on first use
-    first_token_age = process_age()
-    t0 = time.perf_counter()
-    _, tok = prefill([prompt_len])
-    tok.cpu()
-    ttft = time.perf_counter() - t0
-    prefill([prefill_len])                                    # warm the prefill shapes
-    _sync(device)
-    t0 = time.perf_counter()
-    _, tok = prefill([prefill_len])
-    tok.cpu()
-    prefill_tps = prefill_len / (time.perf_counter() - t0)
-
-    peak = copy_bandwidth(device)
-    results = []
-    for b in batches:
-        states, tokens = prefill([prompt_len] * b)
-        tokens = decode(states, tokens)                       # one warm decode
-        _sync(device)
-        t0 = time.perf_counter()
-        for _ in range(decode_steps):
-            tokens = decode(states, tokens)
-        tokens.cpu()
-        step_s = (time.perf_counter() - t0) / decode_steps
-        nbytes = weight_bytes_per_step(model, args, b)
-        frac = nbytes / step_s / peak if peak else None
-        results.append(BenchResult(b, b / step_s, step_s * 1e3, nbytes, frac))
-
-    experts = model.layers[0].ffn.experts.fmt
-    quant = (f"fp8 128x128, {experts} experts" if args.quant else config.dtype)
-    out(f"model: deepseek_v4, {args.n_layers} layers, {args.n_routed_experts} experts top-{args.n_activated_experts}, "
-        f"weights {quant}, random; device {device}; MoE {moe_backend}; built in {build_s:.1f} s")
-    out(f"time to first token ({prompt_len}-token prompt): {ttft * 1e3:.1f} ms "
-        f"(first request, with kernel compilation: {ttft_warm * 1e3:.0f} ms); "
-        f"process start to first token: {first_token_age:.1f} s")
-    out(f"prefill: {prefill_tps:,.0f} tokens/s ({prefill_len}-token prompt)")
-    if peak:
-        out(f"copy bandwidth: {peak / 1e12:.2f} TB/s (read + write)")
-    out("| batch | decode tokens/s | step (ms) | weight bytes / step | of copy bandwidth |")
-    out("|---|---|---|---|---|")
-    for r in results:
-        frac = f"{100 * r.bandwidth_fraction:.0f}%" if r.bandwidth_fraction is not None else "n/a (CPU)"
-        out(f"| {r.batch} | {r.decode_tokens_per_s:,.1f} | {r.step_ms:.2f} | {r.weight_bytes / 1e9:.2f} GB | {frac} |")
     return results

@@ -114,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="split the model over N processes, one GPU each (gloo on CPU); torchrun: its WORLD_SIZE")
     b.set_defaults(func=cmd_bench)
 
-    from .server.cli import add_serve_parser     # FastAPI and uvicorn are imported only when serving
+    from .server.cli import add_serve_parser  # FastAPI and uvicorn are imported only when serving
     add_serve_parser(sub)
     return parser
 

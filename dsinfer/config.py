@@ -23,9 +23,9 @@ class EngineConfig:
     attn_impl: str = "absorb"             # "absorb" (weight-absorbed MLA) or "naive" (expanded keys/values; oracle)
     fp8_impl: str = "auto"                # FP8 linear layers: see models.layers.FP8_IMPLS
     attn_backend: str = "auto"            # MLA attention + cache write: "auto" (triton on GPU), "torch", "triton"
-    moe_backend: str = "auto"             # routed experts: "auto" (fused Triton kernel on GPU), "torch" (loop), "triton"
+    moe_backend: str = "auto"             # routed experts: "auto" (fused Triton kernel on GPU), "torch", "triton"
     enforce_eager: bool = False           # no CUDA graphs: run every decode step eagerly
-    cuda_graph_max_batch: int = 256       # decode batches up to this size replay CUDA graphs, >= 1 (capped by max_num_seqs)
+    cuda_graph_max_batch: int = 256       # decode batches up to this size replay graphs, >= 1 (<= max_num_seqs)
     # reuse cached pages of identical prompt prefixes; None = wherever the model allows it (not DeepSeek-V4)
     enable_prefix_caching: bool | None = None
     seed: int = 0                         # seed for requests that give none

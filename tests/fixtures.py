@@ -135,14 +135,16 @@ _V4_RENAMES = [("model.embed_tokens.", "embed."), ("lm_head.", "head."), ("model
                ("model.hc_head.hc_", "hc_head_"), ("model.layers.", "layers."), (".self_attn.", ".attn."),
                (".mlp.", ".ffn."), (".input_layernorm.", ".attn_norm."),
                (".post_attention_layernorm.", ".ffn_norm."), (".attn_hc.", ".hc_attn_"), (".ffn_hc.", ".hc_ffn_"),
-               (".attn.sinks", ".attn.attn_sink"), (".compressor.indexer.scorer.weights_proj.", ".indexer.weights_proj."),
+               (".attn.sinks", ".attn.attn_sink"),
+               (".compressor.indexer.scorer.weights_proj.", ".indexer.weights_proj."),
                (".compressor.indexer.q_b_proj.", ".indexer.wq_b."), (".compressor.indexer.", ".indexer.compressor."),
                (".compressor.kv_proj.", ".compressor.wkv."), (".compressor.gate_proj.", ".compressor.wgate."),
                (".compressor.position_bias", ".compressor.ape"), (".compressor.kv_norm.", ".compressor.norm."),
                (".q_a_proj.", ".wq_a."), (".q_a_norm.", ".q_norm."), (".q_b_proj.", ".wq_b."),
                (".attn.kv_proj.", ".attn.wkv."), (".o_a_proj.", ".wo_a."), (".o_b_proj.", ".wo_b."),
                (".gate.e_score_correction_bias", ".gate.bias"), (".shared_experts.gate_proj.", ".shared_experts.w1."),
-               (".shared_experts.down_proj.", ".shared_experts.w2."), (".shared_experts.up_proj.", ".shared_experts.w3.")]
+               (".shared_experts.down_proj.", ".shared_experts.w2."),
+               (".shared_experts.up_proj.", ".shared_experts.w3.")]
 # Linear weights DeepSeek ships in FP8 (spec 3.4); routed experts go to FP4.
 _V4_FP8 = (".attn.wq_a.weight", ".attn.wq_b.weight", ".attn.wkv.weight", ".attn.wo_a.weight", ".attn.wo_b.weight",
            ".indexer.wq_b.weight", ".shared_experts.w1.weight", ".shared_experts.w2.weight",

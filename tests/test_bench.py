@@ -3,10 +3,10 @@ engine; the weight-bytes count follows spec/anchors.md."""
 
 import json
 
+import fixtures
 import pytest
 import torch
 
-import fixtures
 from dsinfer.bench import bench_config, random_model, weight_bytes_per_step
 from dsinfer.cli import main
 from dsinfer.models import ModelArgs

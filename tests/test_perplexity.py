@@ -2,10 +2,10 @@
 
 import math
 
+import fixtures
 import pytest
 import torch
 
-import fixtures
 from dsinfer import LLM
 from dsinfer.perplexity import perplexity
 

@@ -6,10 +6,10 @@ Oracle: HF transformers' `PreTrainedTokenizerFast` loaded from the same folder (
 
 import json
 
+import fixtures
 import pytest
 from transformers import PreTrainedTokenizerFast
 
-import fixtures
 from dsinfer.tokenizer import IncrementalDetokenizer, Tokenizer
 
 # A template that uses the jinja features real checkpoints use: namespace, filters, tojson, loop variables,

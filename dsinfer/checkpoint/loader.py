@@ -328,7 +328,8 @@ def _place(model: nn.Module, params: dict, t: Target, tensor: torch.Tensor, devi
         return
     stacked = getattr(owner, attr)
     if stacked is None or stacked.is_meta:
-        stacked = nn.Parameter(torch.empty(owner.n_local, *tensor.shape, dtype=want, device=device), requires_grad=False)
+        stacked = nn.Parameter(torch.empty(owner.n_local, *tensor.shape, dtype=want, device=device),
+                               requires_grad=False)
         setattr(owner, attr, stacked)
     elif stacked.dtype != want:
         raise ValueError(f"experts of {owner_name}.{attr} mix dtypes {stacked.dtype} and {want}")

@@ -12,8 +12,8 @@ from ..checkpoint import read_config
 from ..config import EngineConfig
 from ..kernels.mla_triton import triton_available
 from ..models import ModelArgs
-from ..models.layers import set_fp8_impl
 from ..models.args_v4 import ModelArgsV4
+from ..models.layers import set_fp8_impl
 from ..models.mla import set_attn_backend
 from ..models.moe import set_moe_backend
 from ..parallel import ParallelState

@@ -5,8 +5,15 @@ The Triton kernels (act_quant, weight_dequant, fp8_gemm, fp8_weight_only_gemm) a
 
 from importlib import import_module
 
-from .fp8 import (FP8_MAX, act_quant_torch, check_block_scale, fp8_gemm_torch, fp8_weight_only_gemm_torch,
-                  weight_dequant_torch, weight_quant_torch)
+from .fp8 import (
+    FP8_MAX,
+    act_quant_torch,
+    check_block_scale,
+    fp8_gemm_torch,
+    fp8_weight_only_gemm_torch,
+    weight_dequant_torch,
+    weight_quant_torch,
+)
 from .mla_attention import mla_attention_torch, mla_naive_attention_torch
 
 # public name -> the module that defines it (imported lazily: it imports triton)

@@ -16,7 +16,7 @@ def _sparse_attention_kernel(
     # strides (elements)
     stride_qt, stride_qh, stride_kvn, stride_it, stride_ot, stride_oh,
     # constexprs
-    BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr,
 ):
     t = tl.program_id(0)
     heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -34,13 +34,19 @@ def _sparse_attention_kernel(
         ok = idx >= 0
         rows = tl.load(kv_ptr + tl.where(ok, idx, 0).to(tl.int64)[:, None] * stride_kvn + dims[None, :],
                        mask=ok[:, None] & d_ok[None, :], other=0.0)                 # (BLOCK_K, BLOCK_D)
-        s = tl.dot(q, tl.trans(rows)).to(tl.float32) * scale                      # (BLOCK_H, BLOCK_K)
+        if IEEE:       # float32 inputs: exact products (the GPU default would round them to TF32)
+            s = tl.dot(q, tl.trans(rows), input_precision="ieee") * scale           # (BLOCK_H, BLOCK_K)
+        else:
+            s = tl.dot(q, tl.trans(rows)).to(tl.float32) * scale
         s = tl.where(ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, axis=1))
         alpha = tl.exp(m - m_new)
         p = tl.exp(s - m_new[:, None])
         l_sum = l_sum * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(rows.dtype), rows).to(tl.float32)
+        if IEEE:
+            acc = acc * alpha[:, None] + tl.dot(p, rows, input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(rows.dtype), rows).to(tl.float32)
         m = m_new
     out = acc / l_sum[:, None]
     tl.store(out_ptr + t * stride_ot + heads[:, None] * stride_oh + dims[None, :], out.to(out_ptr.dtype.element_ty),
@@ -60,4 +66,5 @@ def launch(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, sink: torch
         q, kv, indices, sink, out,
         H, K, D, scale,
         q.stride(0), q.stride(1), kv.stride(0), indices.stride(0), out.stride(0), out.stride(1),
-        BLOCK_H=BLOCK_H, BLOCK_K=BLOCK_K, BLOCK_D=BLOCK_D, num_warps=4 if D <= 256 else 8)
+        BLOCK_H=BLOCK_H, BLOCK_K=BLOCK_K, BLOCK_D=BLOCK_D, IEEE=q.dtype == torch.float32,
+        num_warps=4 if D <= 256 else 8)

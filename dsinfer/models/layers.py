@@ -12,7 +12,6 @@ from ..kernels import weight_dequant_torch
 from ..kernels.triton_common import interpreting
 from ..parallel import ParallelState
 
-
 # How FP8 weights are multiplied:
 #   "torch"       dequantize to x's dtype in PyTorch and call F.linear (the reference path; CPU default)
 #   "fp8_gemm"    quantize x per token (act_quant, the model's scale_fmt) and run the Triton FP8 GEMM (Ada/Hopper+)
@@ -52,7 +51,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = N
     impl = resolve_fp8_impl(fp8_impl, x.device, block_size)
     if impl == "torch":
         return F.linear(x, weight_dequant_torch(weight, scale, block_size, x.dtype))
-    from .. import kernels   # the Triton kernels import triton on first use
+    from .. import kernels  # the Triton kernels import triton on first use
     x2 = x.reshape(-1, x.shape[-1])                                            # (M, K)
     if impl == "fp8_gemm":
         q, s = kernels.act_quant(x2.contiguous(), 128, scale_fmt)

@@ -12,13 +12,13 @@ normals (|x / s| >= 2^-6), and at most half the subnormal spacing 2^-9, i.e. 2^-
 import json
 import shutil
 
+import fixtures
 import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import DeepseekV3ForCausalLM
 
-import fixtures
 from dsinfer import LLM
 from dsinfer.checkpoint import cast_checkpoint, writer
 from dsinfer.cli import main

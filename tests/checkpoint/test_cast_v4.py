@@ -5,11 +5,11 @@ folder behind."""
 
 import json
 
+import fixtures
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import fixtures
 from dsinfer.checkpoint import cast_checkpoint
 from dsinfer.checkpoint.loader_v4 import load_model_v4
 from dsinfer.cli import main

@@ -4,11 +4,11 @@ sizes that do not divide are one-line errors."""
 
 import json
 
+import fixtures
 import pytest
 import torch
 from safetensors.torch import load_file
 
-import fixtures
 from dsinfer import LLM
 from dsinfer.checkpoint import cast_checkpoint, convert_checkpoint
 from dsinfer.checkpoint.convert import check_tp

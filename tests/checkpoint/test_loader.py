@@ -4,11 +4,11 @@ checkpoint is a one-line ValueError that names the problem."""
 import json
 import shutil
 
+import fixtures
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import fixtures
 from dsinfer import LLM
 from dsinfer.checkpoint import hf_to_native, load_model, native_to_hf
 

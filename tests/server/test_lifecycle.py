@@ -6,7 +6,6 @@ import signal
 import httpx
 import openai
 import pytest
-
 from serverproc import serve
 
 KEY = "sk-test-0123"

@@ -1,7 +1,8 @@
 """The think-tag parser. Oracle: str.partition on the whole text, for every way of cutting it into stream pieces."""
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from dsinfer.server.reasoning import ReasoningParser, prompt_opens_thinking, split_reasoning
 

@@ -6,7 +6,8 @@ import time
 
 import httpx
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture], derandomize=True)
 
@@ -107,7 +108,8 @@ def test_dropped_streams_free_their_pages(server):
         for s in streams:
             s.__exit__(None, None, None)                                        # drop the connection
     m = wait_until_idle(server)
-    assert (m["dsinfer_num_requests_running"], m["dsinfer_num_requests_waiting"], m["dsinfer_kv_cache_usage"]) == (0, 0, 0)
+    state = (m["dsinfer_num_requests_running"], m["dsinfer_num_requests_waiting"], m["dsinfer_kv_cache_usage"])
+    assert state == (0, 0, 0)
     assert m["dsinfer_generation_tokens_total"] - before < 8 * 1000          # aborted, not run to the end
 
 

@@ -2,9 +2,9 @@
 greedy completions (one request at a time, so both run the same batch shapes)."""
 
 import httpx
+from serverproc import serve
 
 from dsinfer import LLM, SamplingParams
-from serverproc import serve
 
 
 def test_serve_v4_completions_match_llm(checkpoint, tmp_path):

@@ -20,11 +20,10 @@ from pathlib import Path
 
 import torch
 import transformers
-from transformers import AutoTokenizer, DeepseekV3ForCausalLM
-from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3TopkRouter
-
 from scenes import conversations, parse_scenes
 from train_tokenizer import ASSETS, load_works
+from transformers import AutoTokenizer, DeepseekV3ForCausalLM
+from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3TopkRouter
 
 EVAL_TEXT = ASSETS.parent / "eval" / "hamlet.txt"
 

@@ -18,10 +18,9 @@ prefix of the full exchange, so a model trained on these streams sees at inferen
 import json
 
 import numpy as np
-from transformers import AutoTokenizer
-
 from scenes import conversations, parse_scenes
 from train_tokenizer import ASSETS, DATA, load_works
+from transformers import AutoTokenizer
 
 
 def plain_stream(tokenizer, works: dict[str, str]) -> np.ndarray:
