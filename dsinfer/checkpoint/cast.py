@@ -19,13 +19,11 @@ import re
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from tqdm import tqdm
 
 from ..kernels.fp8 import weight_dequant_torch, weight_quant_torch
 from ..models.args import ModelArgs
 from .loader import TP_MANIFEST, checkpoint_files, read_config, read_headers
-from .writer import CheckpointWriter, TensorSpec
+from .writer import TensorSpec, write_shard_by_shard
 
 TARGETS = ("bf16", "fp8")
 SCALE_FMTS = ("ue8m0",)
@@ -101,36 +99,15 @@ def cast_checkpoint(src: str | Path, dst: str | Path, to: str, scale_fmt: str | 
         cfg = {**cfg, "quantization_config": quantization_config(scale_fmt)}
     else:
         cfg = {k: v for k, v in cfg.items() if k != "quantization_config"}
-    with CheckpointWriter(src, dst, force) as out:
-        out.check_space(sum(s.nbytes for plan in plans.values() for _, specs in plan for s in specs))
-        bar = tqdm(total=sum(i.nbytes for i in infos.values()), unit="B", unit_scale=True, desc=f"Casting to {to}",
-                   disable=not progress)
-        for file, plan in plans.items():
-            stream = out.open_file(file.name, [s for _, specs in plan for s in specs])
-            with safe_open(file, framework="pt") as f:
-                for name, specs in plan:
-                    if not specs:
-                        continue
-                    tensor = f.get_tensor(name)
-                    if specs[0].dtype == "F8_E4M3":
-                        q, s = weight_quant_torch(tensor, block, scale_fmt)
-                        stream.write(name, q)
-                        stream.write(name + "_scale_inv", s)
-                    elif tensor.dtype == torch.float8_e4m3fn:
-                        scale = _read(infos[name + "_scale_inv"].file, name + "_scale_inv", file, f)
-                        stream.write(name, weight_dequant_torch(tensor, scale, block, torch.bfloat16))
-                    else:
-                        stream.write(name, tensor)
-                    bar.update(infos[name].nbytes)
-            stream.close()
-        bar.close()
-        out.finish(cfg)
-    return out.dst
+    def convert(name, tensor, read, stream):
+        if specs_of[name][0].dtype == "F8_E4M3":
+            q, s = weight_quant_torch(tensor, block, scale_fmt)
+            stream.write(name, q)
+            stream.write(name + "_scale_inv", s)
+        elif tensor.dtype == torch.float8_e4m3fn:
+            stream.write(name, weight_dequant_torch(tensor, read(name + "_scale_inv"), block, torch.bfloat16))
+        else:
+            stream.write(name, tensor)
 
-
-def _read(file: Path, name: str, open_file: Path, handle) -> torch.Tensor:
-    """A tensor from the file that is already open, or (a scale stored in another shard) from its own file."""
-    if file == open_file:
-        return handle.get_tensor(name)
-    with safe_open(file, framework="pt") as f:
-        return f.get_tensor(name)
+    specs_of = {name: specs for plan in plans.values() for name, specs in plan}
+    return write_shard_by_shard(src, dst, force, plans, infos, cfg, f"Casting to {to}", progress, convert)

@@ -19,14 +19,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from tqdm import tqdm
 
 from ..kernels.fp4 import FP4_BLOCK, e8m0_to_float, fp4_dequant_torch, fp4_to_fp8_torch
 from ..kernels.fp8 import weight_dequant_torch
 from ..models.args_v4 import ModelArgsV4
 from .loader import TensorInfo
-from .writer import CheckpointWriter, TensorSpec
+from .writer import TensorSpec, write_shard_by_shard
 
 _PACKED = ("I8", "U8")
 _BYTE_SCALES = ("F8_E8M0", "U8")
@@ -69,7 +67,6 @@ def cast_v4(src: Path, cfg: dict, files: list[Path], infos: dict[str, TensorInfo
             force: bool, progress: bool) -> Path:
     """Write the V4 checkpoint at `src` with its FP4 experts repacked as FP8 (`to="fp8"`) or every quantized
     weight dequantized (`to="bf16"`); see the module docstring."""
-    from .cast import _read
     args = ModelArgsV4.from_hf_config(cfg)
     block = args.quant.block_size if args.quant else (128, 128)
     quant = quantized_weights(infos)
@@ -104,33 +101,19 @@ def cast_v4(src: Path, cfg: dict, files: list[Path], infos: dict[str, TensorInfo
             cfg["quantization_config"] = {**cfg["quantization_config"], "expert_dtype": "fp8"}
     else:
         cfg = {k: v for k, v in cfg.items() if k not in ("quantization_config", "expert_dtype")}
-    with CheckpointWriter(src, dst, force) as out:
-        out.check_space(sum(s.nbytes for plan in plans.values() for _, specs in plan for s in specs))
-        bar = tqdm(total=sum(i.nbytes for i in infos.values()), unit="B", unit_scale=True, desc=f"Casting to {to}",
-                   disable=not progress)
-        for file, plan in plans.items():
-            stream = out.open_file(file.name, [s for _, specs in plan for s in specs])
-            with safe_open(file, framework="pt") as f:
-                for name, specs in plan:
-                    if not specs:
-                        continue
-                    tensor = f.get_tensor(name)
-                    kind, scale_name = quant.get(name, (None, None))
-                    if kind == "fp4" or (kind == "fp8" and to == "bf16"):
-                        scale = _read(infos[scale_name].file, scale_name, file, f)
-                        if kind == "fp4" and to == "fp8":
-                            q, s = fp4_to_fp8_torch(tensor, scale, block)
-                            stream.write(name, q)
-                            stream.write(scale_name, s.view(torch.float8_e8m0fnu))
-                        elif kind == "fp4":
-                            stream.write(name, fp4_dequant_torch(tensor, scale, torch.bfloat16))
-                        else:
-                            scale = scale.float() if scale.dtype == torch.float32 else e8m0_to_float(scale)
-                            stream.write(name, weight_dequant_torch(tensor, scale, block, torch.bfloat16))
-                    else:
-                        stream.write(name, tensor)
-                    bar.update(infos[name].nbytes)
-            stream.close()
-        bar.close()
-        out.finish(cfg)
-    return out.dst
+    def convert(name, tensor, read, stream):
+        kind, scale_name = quant.get(name, (None, None))
+        if kind == "fp4" and to == "fp8":
+            q, s = fp4_to_fp8_torch(tensor, read(scale_name), block)
+            stream.write(name, q)
+            stream.write(scale_name, s.view(torch.float8_e8m0fnu))
+        elif kind == "fp4":
+            stream.write(name, fp4_dequant_torch(tensor, read(scale_name), torch.bfloat16))
+        elif kind == "fp8" and to == "bf16":
+            scale = read(scale_name)
+            scale = scale.float() if scale.dtype == torch.float32 else e8m0_to_float(scale)
+            stream.write(name, weight_dequant_torch(tensor, scale, block, torch.bfloat16))
+        else:
+            stream.write(name, tensor)
+
+    return write_shard_by_shard(src, dst, force, plans, infos, cfg, f"Casting to {to}", progress, convert)

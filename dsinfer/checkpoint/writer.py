@@ -172,3 +172,37 @@ class CheckpointWriter:
 
 def _write_json(path: Path, obj: dict) -> None:
     path.write_text(json.dumps(obj, indent=2) + "\n")
+
+
+
+def write_shard_by_shard(src: Path, dst: str | Path, force: bool, plans: dict, infos: dict, config: dict, desc: str,
+                         progress: bool, convert) -> Path:
+    """Write one output shard per input shard, tensor by tensor, then the index and `config`; returns the folder.
+
+    plans[file]: (name, [TensorSpec, ...]) in write order (an empty list drops the tensor); infos: the source's
+    TensorInfo by name. convert(name, tensor, read, stream) writes the tensor's specs to `stream`; read(name)
+    loads another source tensor (a scale) from whichever shard holds it."""
+    from safetensors import safe_open
+    from tqdm import tqdm
+
+    with CheckpointWriter(src, dst, force) as out:
+        out.check_space(sum(s.nbytes for plan in plans.values() for _, specs in plan for s in specs))
+        bar = tqdm(total=sum(i.nbytes for i in infos.values()), unit="B", unit_scale=True, desc=desc,
+                   disable=not progress)
+        for file, plan in plans.items():
+            stream = out.open_file(file.name, [s for _, specs in plan for s in specs])
+            with safe_open(file, framework="pt") as f:
+                def read(name: str, f=f, file=file) -> torch.Tensor:
+                    if infos[name].file == file:
+                        return f.get_tensor(name)
+                    with safe_open(infos[name].file, framework="pt") as other:   # a scale in another shard
+                        return other.get_tensor(name)
+
+                for name, specs in plan:
+                    if specs:
+                        convert(name, f.get_tensor(name), read, stream)
+                        bar.update(infos[name].nbytes)
+            stream.close()
+        bar.close()
+        out.finish(config)
+    return out.dst
