@@ -46,6 +46,8 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     e.add_argument("--attn-impl", default="absorb", choices=["absorb", "naive"])
     e.add_argument("--attn-backend", default="auto", choices=["auto", "torch", "triton"])
     e.add_argument("--enforce-eager", action="store_true", help="GPU: run decode steps eagerly, without CUDA graphs")
+    e.add_argument("--no-simulate-qat", action="store_true",
+                   help="DeepSeek-V4: skip the reference's FP8/FP4 rounding of KV and indexer (matches HF)")
     e.add_argument("--tp", type=int, default=1, metavar="N",
                    help="split the model over N processes, one GPU each (gloo on CPU); torchrun: its WORLD_SIZE")
     e.add_argument("--no-prefix-caching", action="store_true", help="do not reuse cached prompt prefixes")
@@ -82,6 +84,9 @@ def cmd_serve(args) -> int:
         enable_prefix_caching=False if args.no_prefix_caching else None, seed=args.seed, progress=sys.stderr.isatty())
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
     engine = engine_config
+    if args.no_simulate_qat and not args.random_weights:
+        from ..engine import Engine
+        engine = Engine(model, engine_config, simulate_qat=False)     # refused with one line for non-V4 models
     if args.random_weights:
         from ..bench import bench_config
         from ..engine import Engine

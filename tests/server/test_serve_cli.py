@@ -22,6 +22,7 @@ def test_serve_subcommand_parses():
     (["--api-key", " "], "api_key"),
     (["--graceful-shutdown-s", "-1"], "graceful_shutdown_s"),
     (["--model", "/nonexistent/checkpoint"], "nonexistent"),
+    (["--no-simulate-qat", "--device", "cpu"], "DeepSeek-V4 checkpoints only"),   # the bundled model is V3-style
 ])
 def test_bad_flags_exit_2_with_one_line(flags, message, capsys):
     assert main(flags) == 2
