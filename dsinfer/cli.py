@@ -187,8 +187,17 @@ def cmd_chat(args) -> int:
             reply.append(delta)
             print(delta, end="", flush=True)
         print(flush=True)
-        history.append({"role": "assistant", "content": "".join(reply)})
+        history.append(_assistant_turn("".join(reply)))
     return 0
+
+
+def _assistant_turn(reply: str) -> dict:
+    """A reply as a history message: a thinking model's reasoning (the text before `</think>`, the prompt having
+    opened the block) goes to `reasoning_content`, which the templates drop or keep as their model expects."""
+    reasoning, sep, content = reply.partition("</think>")
+    if not sep:
+        return {"role": "assistant", "content": reply}
+    return {"role": "assistant", "content": content.lstrip("\n"), "reasoning_content": reasoning.strip("\n")}
 
 
 def cmd_perplexity(args) -> int:

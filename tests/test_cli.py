@@ -162,3 +162,13 @@ def test_user_error_exits_2_with_one_line(runs, name):
     assert len(lines) == 1 and lines[0].startswith("dsinfer: error:"), result.stderr
     assert ERROR_WORDS[name] in lines[0]
     assert result.stdout == ""
+
+
+@pytest.mark.parametrize("reply, turn", [
+    ("Hello there.", {"role": "assistant", "content": "Hello there."}),
+    ("Let me think.\n</think>\n\nHi!", {"role": "assistant", "content": "Hi!", "reasoning_content": "Let me think."}),
+    ("</think>Hi", {"role": "assistant", "content": "Hi", "reasoning_content": ""}),
+])
+def test_chat_history_keeps_reasoning_apart(reply, turn):
+    from dsinfer.cli import _assistant_turn
+    assert _assistant_turn(reply) == turn
