@@ -17,6 +17,10 @@ import torch
 VOCAB = 320
 BOS, EOS = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"
 SPECIALS = [BOS, EOS, "<｜▁pad▁｜>", "<｜User｜>", "<｜Assistant｜>", "<think>", "</think>"]
+# DeepSeek's V3 tool-call tokens (spec section 4), special as in the real tokenizers; the last ids of the vocabulary.
+TOOL_TOKENS = ["<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>", "<｜tool▁call▁begin｜>", "<｜tool▁call▁end｜>",
+               "<｜tool▁outputs▁begin｜>", "<｜tool▁outputs▁end｜>", "<｜tool▁output▁begin｜>", "<｜tool▁output▁end｜>",
+               "<｜tool▁sep｜>"]
 
 # V3 template as described in the spec (section 4), with the V3.1 `thinking` switch.
 V3_TEMPLATE = (
@@ -72,11 +76,12 @@ def write_tokenizer(path: Path, template: str = V3_TEMPLATE) -> None:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=SPECIALS, show_progress=False,
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB - len(TOOL_TOKENS), special_tokens=SPECIALS, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     corpus = ["The quick brown fox jumps over the lazy dog. " * 3, "To be, or not to be, that is the question.",
               "Hello world! Tensor parallel latent attention with mixture of experts.", "0123456789 +-*/=()"] * 20
     tok.train_from_iterator(corpus, trainer)
+    tok.add_special_tokens(TOOL_TOKENS)
     missing = VOCAB - tok.get_vocab_size(with_added_tokens=True)
     if missing > 0:
         tok.add_tokens([f"<extra_{i}>" for i in range(missing)])

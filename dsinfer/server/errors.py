@@ -40,12 +40,18 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     if not errors:
         return "invalid request", None
     first = errors[0]
-    loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+    loc = [str(x) for x in first.get("loc", ()) if x != "body" and not _is_union_tag(x)]
     if first.get("type") == "json_invalid":
         return "the request body is not valid JSON", None
     param = ".".join(loc) or None
     where = f"{param}: " if param else "request body: "
     return where + str(first.get("msg", "invalid value")), param
+
+
+def _is_union_tag(part) -> bool:
+    """pydantic names the member of a union in an error's loc (`str`, `list[TextPart]`, `literal['auto']`, a model
+    class); the field path OpenAI clients expect leaves it out."""
+    return isinstance(part, str) and (part in ("str", "int", "float", "bool") or "[" in part or part[:1].isupper())
 
 
 def install_error_handlers(app: FastAPI) -> None:

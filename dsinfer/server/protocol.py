@@ -6,7 +6,7 @@ unknown fields are accepted and ignored, since OpenAI clients send fields dsinfe
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -42,10 +42,44 @@ class TextPart(_Schema):
     text: str | None = None
 
 
+class FunctionDefinition(_Schema):
+    name: str = Field(min_length=1)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None       # a JSON schema
+    strict: bool | None = None
+
+
+class Tool(_Schema):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionName(_Schema):
+    name: str = Field(min_length=1)
+
+
+class NamedToolChoice(_Schema):
+    type: Literal["function"]
+    function: FunctionName
+
+
+class FunctionCall(_Schema):
+    name: str = Field(min_length=1)
+    arguments: str                                  # a JSON object, as text
+
+
+class ToolCall(_Schema):
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Schema):
     role: str
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None        # assistant messages
+    tool_call_id: str | None = None                 # tool messages
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -59,6 +93,11 @@ class ChatCompletionRequest(SamplingFields):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_CHAT_TOP_LOGPROBS)
     chat_template_kwargs: dict[str, Any] | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["auto", "none", "required"] | NamedToolChoice | None = None    # None: "auto" with tools
+
+    def template_tools(self) -> list[dict]:
+        return [t.model_dump(exclude_none=True) for t in self.tools or []]
 
     def template_messages(self) -> list[dict]:
         """Messages as the chat template expects them: content as one string."""

@@ -41,7 +41,7 @@ class ReasoningParser:
         if end >= 0:
             self.in_reasoning = False
             return text[:end], text[end + len(THINK_END):]
-        keep = _partial_suffix(text, THINK_END)
+        keep = partial_suffix(text, THINK_END)
         self._held = text[len(text) - keep:]
         return text[:len(text) - keep], ""
 
@@ -59,7 +59,7 @@ def split_reasoning(text: str, in_reasoning: bool = True) -> tuple[str, str]:
     return r1 + r2, c1 + c2
 
 
-def _partial_suffix(text: str, tag: str) -> int:
+def partial_suffix(text: str, tag: str) -> int:
     """Length of the longest suffix of `text` that is a proper prefix of `tag`."""
     for n in range(min(len(text), len(tag) - 1), 0, -1):
         if tag.startswith(text[-n:]):

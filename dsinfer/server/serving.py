@@ -20,7 +20,9 @@ from .config import ServerConfig
 from .engine_loop import EngineLoop, EngineStopped, RequestHandle, iterate
 from .errors import APIError, error_body
 from .protocol import SamplingFields
+from .raw_text import RawText
 from .reasoning import ReasoningParser
+from .tool_calls import ToolCallParser
 
 DISCONNECT_POLL_S = 0.5
 log = logging.getLogger("dsinfer.server")
@@ -34,6 +36,8 @@ class ServerState:
         self.tokenizer = loop.engine.tokenizer
         self.max_model_len = loop.engine.max_model_len
         self.model_name = config.served_model_name
+        self.tool_format = "deepseek_v4" if self.tokenizer.chat_format == "deepseek_v4" else "deepseek_v3"
+        self.warned_tools = False           # logged once: the chat template ignores tools
         self.created = int(time.time())
         self.num_active = 0                 # HTTP generation requests in flight (event loop only: no lock)
 
@@ -77,28 +81,41 @@ def sampling_params(state: ServerState, req: SamplingFields, prompt_len: int, ma
 
 @dataclass
 class Choice:
-    """The accumulated output of one engine request."""
+    """The accumulated output of one engine request. With `tools` the text comes from `raw_text` (special tokens
+    kept), and the content after any reasoning goes through the tool-call parser."""
 
     index: int
     prompt_index: int
     reasoning: ReasoningParser | None = None
+    tools: ToolCallParser | None = None
+    raw_text: RawText | None = None
     text: list[str] = field(default_factory=list)
     reasoning_text: list[str] = field(default_factory=list)
+    tool_calls: list[dict] = field(default_factory=list)
     num_tokens: int = 0
     logprobs: list[TokenLogprobs] = field(default_factory=list)
     finish_reason: str | None = None
 
     def add(self, out: StepOutput) -> tuple[str, str]:
-        """Take one output; returns its (reasoning, content) text delta."""
+        """Take one output; returns its (reasoning, content) text delta. Tool calls appear in `tool_calls` with the
+        last output."""
         self.num_tokens += len(out.new_token_ids)
         if out.logprobs is not None:
             self.logprobs.append(out.logprobs)
-        reasoning, content = ("", out.new_text) if self.reasoning is None else self.reasoning.feed(out.new_text)
+        new_text = out.new_text if self.raw_text is None else self.raw_text.feed(out)
+        reasoning, content = ("", new_text) if self.reasoning is None else self.reasoning.feed(new_text)
         if out.finished:
             self.finish_reason = out.finish_reason
             if self.reasoning is not None:
                 r, c = self.reasoning.flush()
                 reasoning, content = reasoning + r, content + c
+        if self.tools is not None:
+            content = self.tools.feed(content)
+            if out.finished:
+                rest, self.tool_calls = self.tools.flush()
+                content += rest
+                if self.tool_calls:
+                    self.finish_reason = "tool_calls"
         self.reasoning_text.append(reasoning)
         self.text.append(content)
         return reasoning, content
