@@ -129,11 +129,7 @@ def _response(state: ServerState, gen: Generation, want_logprobs: bool) -> dict:
 
 async def _chunks(state: ServerState, gen: Generation, want_logprobs: bool, include_usage: bool) -> AsyncIterator[dict]:
     def chunk(choices: list[dict], usage: dict | None = None) -> dict:
-        body = {"id": gen.id, "object": "chat.completion.chunk", "created": gen.created, "model": state.model_name,
-                "choices": choices}
-        if include_usage:
-            body["usage"] = usage
-        return body
+        return gen.chunk("chat.completion.chunk", choices, include_usage, usage)
 
     for c in gen.choices:
         yield chunk([{"index": c.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,

@@ -81,11 +81,7 @@ def _response(state: ServerState, gen: Generation, want_logprobs: bool) -> dict:
 
 async def _chunks(state: ServerState, gen: Generation, want_logprobs: bool, include_usage: bool) -> AsyncIterator[dict]:
     def chunk(choices: list[dict], usage: dict | None = None) -> dict:
-        body = {"id": gen.id, "object": "text_completion", "created": gen.created, "model": state.model_name,
-                "choices": choices}
-        if include_usage:
-            body["usage"] = usage
-        return body
+        return gen.chunk("text_completion", choices, include_usage, usage)
 
     offsets = [0] * len(gen.choices)
     async for choice, out, _, text in gen.outputs():

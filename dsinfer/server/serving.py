@@ -161,6 +161,15 @@ class Generation:
         return {"prompt_tokens": self.num_prompt_tokens, "completion_tokens": completion,
                 "total_tokens": self.num_prompt_tokens + completion}
 
+    def chunk(self, obj: str, choices: list[dict], include_usage: bool, usage: dict | None = None) -> dict:
+        """One streamed body of `obj` ("chat.completion.chunk", "text_completion"); with `include_usage` every
+        chunk carries a usage field, null until the last one."""
+        body = {"id": self.id, "object": obj, "created": self.created, "model": self.state.model_name,
+                "choices": choices}
+        if include_usage:
+            body["usage"] = usage
+        return body
+
     async def outputs(self) -> AsyncIterator[tuple[Choice, StepOutput, str, str]]:
         async for i, out in iterate(self.handles):
             choice = self.choices[i]
