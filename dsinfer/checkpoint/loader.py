@@ -77,6 +77,13 @@ def checkpoint_files(path: Path) -> list[Path]:
     return files
 
 
+def refuse_unknown(unknown: list[str]) -> None:
+    """One line for checkpoint tensors the model has no place for (usually a config.json from another model)."""
+    if unknown:
+        raise ValueError(f"checkpoint has {len(unknown)} tensor(s) this model does not use, e.g. "
+                         f"{', '.join(unknown[:3])}; does config.json belong to these weights?")
+
+
 def read_headers(files: list[Path]) -> dict[str, TensorInfo]:
     """Name -> TensorInfo for every tensor, reading only the headers."""
     infos: dict[str, TensorInfo] = {}
@@ -218,9 +225,7 @@ def plan_load(model: nn.Module, infos: dict[str, TensorInfo], n_layers: int,
                 plan[hf_name] = target
         else:
             unknown.append(hf_name)
-    if unknown:
-        raise ValueError(f"checkpoint has {len(unknown)} tensor(s) this model does not use, e.g. "
-                         f"{', '.join(unknown[:3])}; does config.json belong to these weights?")
+    refuse_unknown(unknown)
 
     info_of = {(t.name, t.expert): infos[h] for h, t in plan.items()}
     def expert_ids(name: str):

@@ -24,7 +24,7 @@ from ..models.args_v4 import ModelArgsV4
 from ..models.deepseek_v4 import Transformer
 from ..models.layers import Linear
 from ..models.v4_moe import Experts
-from .loader import TensorInfo, _default_dtype, checkpoint_tensors, read_config
+from .loader import TensorInfo, _default_dtype, checkpoint_tensors, read_config, refuse_unknown
 from .names_v4 import TargetV4, checkpoint_format, native_to_reference, to_native
 
 _FLOAT = {"F32", "BF16", "F16", "F64"}
@@ -63,9 +63,7 @@ def plan_load_v4(model: Transformer, infos: dict[str, TensorInfo],
                 plan[name] = targets
         else:
             unknown.append(name)
-    if unknown:
-        raise ValueError(f"checkpoint has {len(unknown)} tensor(s) this model does not use, e.g. "
-                         f"{', '.join(unknown[:3])}; does config.json belong to these weights?")
+    refuse_unknown(unknown)
 
     given = {}                                           # (native name, expert or None) -> TensorInfo
     for name, targets in plan.items():
