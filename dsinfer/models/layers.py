@@ -88,9 +88,20 @@ class Linear(nn.Module):
         self.act_scale_fmt: str | None = None     # activation scale format for fp8_gemm (set by set_fp8_impl)
         self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
         self.register_parameter("scale", None)
+        self._dense: torch.Tensor | None = None      # an FP8 weight dequantized by `dense`, kept
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.scale, self.block_size, self.fp8_impl, self.act_scale_fmt)
+
+    def dense(self, dtype: torch.dtype) -> torch.Tensor:
+        """The weight in `dtype` for layers that use it as a tensor rather than as a linear map (MLA's absorbed
+        kv_b, V4's grouped wo_a). An FP8 weight is dequantized on first use and kept, as DeepSeek's own code
+        converts these to bf16 once: they are small next to a layer's other weights."""
+        if self.scale is None:
+            return self.weight.to(dtype)
+        if self._dense is None or self._dense.dtype != dtype:
+            self._dense = self.dequantized(dtype)
+        return self._dense
 
     def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
         """The weight in `dtype` (a view when it is not quantized)."""

@@ -64,16 +64,6 @@ class MLA(nn.Module):
         self.wkv_b = ColumnParallelLinear(self.kv_lora_rank, args.n_heads * (self.qk_nope_head_dim + self.v_head_dim),
                                           parallel, block)
         self.wo = RowParallelLinear(args.n_heads * self.v_head_dim, args.dim, parallel, block)
-        self._wkv_b_dense: torch.Tensor | None = None     # dequantized FP8 kv_b, made on first use
-
-    def _wkv_b(self, dtype: torch.dtype) -> torch.Tensor:
-        """kv_b's weight in `dtype`. An FP8 kv_b is dequantized once and kept (as DeepSeek's V3.2 code does): the
-        absorbed form multiplies by it per head, and it is small next to the layer's other weights."""
-        if self.wkv_b.scale is None:
-            return self.wkv_b.weight.to(dtype)
-        if self._wkv_b_dense is None or self._wkv_b_dense.dtype != dtype:
-            self._wkv_b_dense = self.wkv_b.dequantized(dtype)
-        return self._wkv_b_dense
 
     def forward(self, x: torch.Tensor, cos_sin: torch.Tensor, kv_cache: torch.Tensor,
                 attn: AttentionMetadata) -> torch.Tensor:
@@ -95,7 +85,7 @@ class MLA(nn.Module):
         k_pe = rotate(k_pe.unsqueeze(1), cos_sin).squeeze(1)
         (store_latent if triton_backend else store_latent_torch)(kv_cache, attn.slot_mapping, c, k_pe)
 
-        wkv_b = self._wkv_b(x.dtype).view(self.n_heads, -1, self.kv_lora_rank)   # (H, nope + v, R)
+        wkv_b = self.wkv_b.dense(x.dtype).view(self.n_heads, -1, self.kv_lora_rank)   # (H, nope + v, R)
         if self.attn_impl == "absorb":
             q_latent = torch.einsum("thd,hdr->thr", q_nope, wkv_b[:, :self.qk_nope_head_dim])   # (T, H, R)
             if triton_backend:

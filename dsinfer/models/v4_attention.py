@@ -92,7 +92,7 @@ class Attention(nn.Module):
         # Undo the rotation the values carried: rotate the output's rope part by minus the query angle.
         o = torch.cat([o[..., :-rd], apply_rotary(o[..., -rd:], cos_sin * cos_sin.new_tensor([1.0, -1.0]))], -1)
         o = o.view(T, self.o_groups, -1)                                            # (T, G, H/G * head_dim)
-        wo_a = self.wo_a.dequantized(x.dtype).view(self.o_groups, self.o_lora_rank, -1)
+        wo_a = self.wo_a.dense(x.dtype).view(self.o_groups, self.o_lora_rank, -1)
         z = torch.einsum("tgd,grd->tgr", o, wo_a)                                   # (T, G, o_lora)
         return self.wo_b(z.flatten(1))
 
