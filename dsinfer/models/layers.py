@@ -39,6 +39,19 @@ def resolve_fp8_impl(impl: str, device: torch.device, block_size: tuple[int, int
     return impl
 
 
+def fused_moe_mode(scaled: bool, fp8_impl: str, device: torch.device, block_size: tuple[int, int],
+                   tokens_per_expert: float) -> str:
+    """The fused MoE kernel's mode for a stack of experts (or a dense MLP run as one): "plain" for unquantized
+    weights; for FP8, "block_scaled" where fp8_impl picks FP8 tensor cores, except that "auto" stays
+    "weight_only" while each expert sees at most 16 tokens (reading weights dominates; no activation quant)."""
+    if not scaled:
+        return "plain"
+    impl = resolve_fp8_impl(fp8_impl, device, block_size)
+    if impl == "fp8_gemm" and (fp8_impl != "auto" or tokens_per_expert > 16):
+        return "block_scaled"
+    return "weight_only"
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None,
            block_size: tuple[int, int] = (128, 128), fp8_impl: str = "auto",
            scale_fmt: str | None = None) -> torch.Tensor:

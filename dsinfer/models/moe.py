@@ -10,7 +10,7 @@ from torch import nn
 from ..kernels.moe_gate_triton import route_torch
 from ..parallel import ParallelState
 from .args import ModelArgs
-from .layers import MLP, linear, resolve_fp8_impl
+from .layers import MLP, fused_moe_mode, linear
 
 
 class Gate(nn.Module):
@@ -82,20 +82,10 @@ class Experts(nn.Module):
         if self.backend == "triton":
             from ..kernels.fused_moe import fused_moe
             return fused_moe(x, weights, indices, self.w1, self.w2, self.w3, self.w1_scale, self.w2_scale,
-                             self.w3_scale, self.first, self.fused_mode(indices.numel(), x.device))
+                             self.w3_scale, self.first,
+                             fused_moe_mode(self.w1_scale is not None, self.fp8_impl, x.device, self.block_size,
+                                            indices.numel() / self.n_local))
         return self._loop(x, weights, indices)
-
-    def fused_mode(self, num_slots: int, device: torch.device, scaled: bool | None = None,
-                   n_local: int | None = None) -> str:
-        """The fused kernel's mode: plain for unquantized weights; for FP8 block_scaled where fp8_impl picks FP8
-        tensor cores, except that "auto" keeps weight-only while each expert sees few tokens (reading weights
-        dominates; no activation quantization). `scaled`/`n_local` describe other weights (the shared MLP)."""
-        if not (self.w1_scale is not None if scaled is None else scaled):
-            return "plain"
-        impl = resolve_fp8_impl(self.fp8_impl, device, self.block_size)
-        if impl == "fp8_gemm" and (self.fp8_impl != "auto" or num_slots > 16 * (n_local or self.n_local)):
-            return "block_scaled"
-        return "weight_only"
 
     def _loop(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """The per-expert loop (CPU, and the fused kernel's oracle): slots sorted by expert once, so the host waits
@@ -148,7 +138,7 @@ class MoE(nn.Module):
         if self.experts.backend == "triton":      # the shared MLP adds itself into y in its last kernel
             from ..kernels.fused_moe import fused_mlp
             s = self.shared_experts
-            mode = self.experts.fused_mode(x.shape[0], x.device, scaled=s.w1.scale is not None, n_local=1)
+            mode = fused_moe_mode(s.w1.scale is not None, s.w1.fp8_impl, x.device, s.w1.block_size, x.shape[0])
             y = fused_mlp(x, s.w1.weight, s.w2.weight, s.w3.weight, s.w1.scale, s.w2.scale, s.w3.scale, mode, out=y)
         else:
             y = y + self.shared_experts(x).float()

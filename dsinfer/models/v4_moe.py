@@ -22,7 +22,7 @@ from torch import nn
 from ..kernels import weight_dequant_torch
 from ..kernels.fp4 import fp4_dequant_torch
 from .args_v4 import ModelArgsV4
-from .layers import Linear, resolve_fp8_impl
+from .layers import Linear, fused_moe_mode
 
 
 def swiglu_clamped(gate: torch.Tensor, up: torch.Tensor, limit: float) -> torch.Tensor:
@@ -60,16 +60,6 @@ class Gate(nn.Module):
         return weights * self.route_scale, indices
 
 
-def _fp8_mode(fp8_impl: str, device: torch.device, block_size: tuple[int, int], num_slots: int,
-              n_experts: int) -> str:
-    """The fused kernel's FP8 mode, as for V3's experts: block_scaled where fp8_impl picks FP8 tensor cores,
-    except that "auto" keeps weight-only while each expert sees few tokens (reading weights dominates)."""
-    impl = resolve_fp8_impl(fp8_impl, device, block_size)
-    if impl == "fp8_gemm" and (fp8_impl != "auto" or num_slots > 16 * n_experts):
-        return "block_scaled"
-    return "weight_only"
-
-
 class Experts(nn.Module):
     """Routed experts, stacked: w1/w3 (E, I, D), w2 (E, D, I) when dense. The loader replaces them by FP8
     stacks with `w*_scale` (E, blocks, blocks) float32, or FP4 stacks (E, N, K/2) uint8 with `w*_scale`
@@ -95,12 +85,9 @@ class Experts(nn.Module):
 
     def fused_mode(self, num_slots: int, device: torch.device) -> str:
         """The fused kernel's mode for these stacks and `num_slots` routed slots."""
-        fmt = self.fmt
-        if fmt == "fp4":
+        if self.fmt == "fp4":
             return "fp4_weight_only"
-        if fmt == "dense":
-            return "plain"
-        return _fp8_mode(self.fp8_impl, device, self.block_size, num_slots, self.n_experts)
+        return fused_moe_mode(self.fmt == "fp8", self.fp8_impl, device, self.block_size, num_slots / self.n_experts)
 
     def weight(self, name: str, e: int, dtype: torch.dtype) -> torch.Tensor:
         """Expert e's weight `name` ("w1", "w2", "w3") dequantized to `dtype`."""
@@ -135,7 +122,7 @@ class SharedExpert(nn.Module):
         """x: (T, D); adds the expert's output into `out` ((T, D) float32) through the fused kernels."""
         from ..kernels.fused_moe import fused_mlp
         w1, w2, w3 = self.w1, self.w2, self.w3
-        mode = "plain" if w1.scale is None else _fp8_mode(w1.fp8_impl, x.device, w1.block_size, x.shape[0], 1)
+        mode = fused_moe_mode(w1.scale is not None, w1.fp8_impl, x.device, w1.block_size, x.shape[0])
         return fused_mlp(x, w1.weight, w2.weight, w3.weight, w1.scale, w2.scale, w3.scale, mode, out=out,
                          swiglu_limit=self.limit)
 
