@@ -199,8 +199,9 @@ def _sync(device: torch.device) -> None:
 
 
 def run_bench(cfg: dict, config: EngineConfig, batches: list[int], prompt_len: int, decode_steps: int,
-              prefill_len: int, out=print) -> list[BenchResult]:
-    """Build a random model for `cfg`, then measure time to first token, prefill and decode; prints a report."""
+              prefill_lens: list[int], out=print) -> list[BenchResult]:
+    """Build a random model for `cfg`, then measure time to first token, prefill (one prompt of each length in
+    `prefill_lens`) and decode; prints a report."""
     from .engine import Engine
     from .sampling import SamplingParams
 
@@ -218,6 +219,9 @@ def run_bench(cfg: dict, config: EngineConfig, batches: list[int], prompt_len: i
     model, device = engine.model, engine.device
     _sync(device)
     build_s = time.perf_counter() - t0
+    weights_gib = sum(t.numel() * t.element_size() for t in model.parameters()) / 2**30
+    cache_gib = engine.cache.nbytes / 2**30
+    total_gib = torch.cuda.mem_get_info(device)[1] / 2**30 if device.type == "cuda" else 0.0
     g = torch.Generator().manual_seed(0)
 
     def prompt(n):
@@ -236,14 +240,17 @@ def run_bench(cfg: dict, config: EngineConfig, batches: list[int], prompt_len: i
         engine.step()
     ttft = time.perf_counter() - t0
 
-    engine.add_request(prompt(prefill_len), greedy)           # warm the prefill shapes
+    engine.add_request(prompt(min(prefill_lens)), greedy)     # warm the prefill shapes (chunks of one size)
     while engine.has_unfinished():
         engine.step()
-    t0 = time.perf_counter()
-    engine.add_request(prompt(prefill_len), greedy)
-    while engine.has_unfinished():
-        engine.step()
-    prefill_tps = prefill_len / (time.perf_counter() - t0)
+    prefill_tps = {}
+    for n in prefill_lens:
+        _sync(device)
+        t0 = time.perf_counter()
+        engine.add_request(prompt(n), greedy)
+        while engine.has_unfinished():
+            engine.step()
+        prefill_tps[n] = n / (time.perf_counter() - t0)
 
     peak = copy_bandwidth(device)
     results = []
@@ -275,7 +282,12 @@ def run_bench(cfg: dict, config: EngineConfig, batches: list[int], prompt_len: i
     out(f"time to first token ({prompt_len}-token prompt): {ttft * 1e3:.1f} ms "
         f"(first request, with kernel compilation: {ttft_warm * 1e3:.0f} ms); "
         f"process start to first token: {first_token_age:.1f} s")
-    out(f"prefill: {prefill_tps:,.0f} tokens/s ({prefill_len}-token prompt)")
+    for n, tps in prefill_tps.items():
+        out(f"prefill: {tps:,.0f} tokens/s ({n}-token prompt)")
+    if device.type == "cuda":
+        out(f"memory on {device}: weights {weights_gib:.1f} GiB, KV cache {cache_gib:.1f} GiB "
+            f"({engine.cache.num_pages * config.page_size:,} tokens), peak allocated "
+            f"{torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB of {total_gib:.1f} GiB")
     if peak:
         out(f"copy bandwidth: {peak / 1e12:.2f} TB/s (read + write)")
     out("| batch | decode tokens/s | step (ms) | weight bytes / step | of copy bandwidth |")

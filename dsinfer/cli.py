@@ -103,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32, 128])
     b.add_argument("--prompt-len", type=int, default=128)
     b.add_argument("--decode-steps", type=int, default=64)
-    b.add_argument("--prefill-len", type=int, default=4096)
+    b.add_argument("--prefill-len", type=int, nargs="+", default=[4096],
+                   help="prompt lengths whose prefill is timed (default: 4096)")
     b.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     b.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
     b.add_argument("--fp8-impl", default="auto", choices=["auto", "torch", "fp8_gemm", "weight_only"])
@@ -248,13 +249,15 @@ def main(argv: list[str] | None = None) -> int:
 def cmd_bench(args) -> int:
     from .bench import bench_config, run_bench
     from .config import EngineConfig
-    for name in ("prompt_len", "decode_steps", "prefill_len"):
+    for name in ("prompt_len", "decode_steps"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+    if any(n < 1 for n in args.prefill_len):
+        raise ValueError("--prefill-len lengths must be at least 1")
     if any(b < 1 for b in args.batch):
         raise ValueError("--batch sizes must be at least 1")
     cfg = bench_config(args.config, args.layers)
-    longest = max(args.prompt_len + args.decode_steps + 4, args.prefill_len + 2)
+    longest = max(args.prompt_len + args.decode_steps + 4, max(args.prefill_len) + 2)
     config = EngineConfig(device=args.device, dtype=args.dtype, max_model_len=longest,
                           max_num_seqs=max(args.batch), max_num_batched_tokens=max(4096, max(args.batch)),
                           enable_prefix_caching=False, fp8_impl=args.fp8_impl, attn_backend=args.attn_backend,

@@ -22,3 +22,7 @@ class KVCache:
         # Rows are only read after they are written, so the pages need no initialisation.
         self.layers = [torch.empty(num_pages + 1, page_size, args.kv_cache_dim, dtype=dtype, device=device)
                        for _ in range(args.n_layers)]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.layers)

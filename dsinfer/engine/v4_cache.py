@@ -81,6 +81,11 @@ class V4Cache:
                        for i in range(args.n_layers)]
         self.ratios = args.compress_ratios
 
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for layer in self.layers for group in layer.values()
+                   for t in group.values())
+
     def views(self, slot: int, block_table: torch.Tensor) -> list[SlotLayerState]:
         """One sequence's state in every layer, as the model reads it; block_table: (pages,) int64 on the
         cache's device."""
