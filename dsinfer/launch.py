@@ -234,7 +234,11 @@ class Workers:
             p.wait()
 
     def _join(self, graceful: bool) -> None:
-        """After a normal stop: wait for the workers (a while), then leave the group; else stop them at once."""
+        """After a normal stop: leave the group together with the workers (NCCL's teardown is collective: a rank
+        that tears down after its peers have gone waits forever), then wait for them (a while). After an error:
+        stop them at once, then leave."""
+        if graceful:
+            _destroy()
         deadline = time.monotonic() + (30 if graceful else 0)
         for p in self.procs:
             try:
