@@ -1,20 +1,24 @@
-"""Correctness at scale: greedy tokens of the fast path (CUDA graphs, Triton kernels, cuBLAS FP8) against the
-plain eager path (no graphs, torch twins for attention, MoE and FP8 linears) on the same random weights.
+"""Correctness at scale: greedy tokens of the fast path (CUDA graphs, Triton kernels, cuBLAS FP8) against the plain
+eager path (no graphs, torch twins for attention, MoE and FP8 linears) on the same random weights.
 
     python benchmarks/compare_eager.py --config v3 --tp 8 --prompts 8 --max-tokens 32
     python benchmarks/compare_eager.py --config v3 --layers 4 --device cpu --tp 2      # a smoke run on CPU
 
-Both engines are built with `Engine.from_random` from the same seed, one after the other (each rank draws the same
-numbers both times), and fed the same prompts of mixed lengths at once. For every request it prints whether the
-tokens agree and, where they part, the step and the fast path's margin between its first and second choice
-there (random weights give near-ties that rounding order can flip). Exit status 1 if any request differs, or if
-the two paths' log-probabilities of the shared prefix differ by more than --logprob-tol.
-"""
+Each path runs in a process of its own (`--path fast|eager --save FILE`, started by the default `--path both`),
+built with `Engine.from_random` from the same seed (each rank draws the same numbers both times) and fed the same
+prompts of mixed lengths at once. A path that stalls prints every thread's stack every --stall-s seconds. For every
+request it prints whether the tokens agree and, where they part, the step and the fast path's margin between its
+first and second choice there (random weights give near-ties that rounding order can flip). Exit status 1 if any
+request differs, or if the two paths' log-probabilities of the shared prefix differ by more than --logprob-tol."""
 
 from __future__ import annotations
 
 import argparse
+import faulthandler
+import json
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -34,6 +38,7 @@ def run(cfg: dict, config: EngineConfig, prompts: list[list[int]], max_tokens: i
     engine = Engine.from_random(cfg, config)
     built = time.perf_counter() - t0
     params = SamplingParams(temperature=0, ignore_eos=True, max_tokens=max_tokens, logprobs=2)
+    print(f"  built in {built:.1f} s", flush=True)
     ids = [engine.add_request(p, params) for p in prompts]
     steps = {i: [] for i in ids}
     t0 = time.perf_counter()
@@ -41,9 +46,8 @@ def run(cfg: dict, config: EngineConfig, prompts: list[list[int]], max_tokens: i
         for out in engine.step():
             top = out.logprobs.top
             steps[out.seq_id].append((out.new_token_ids[0], out.logprobs.logprob, top[0][1] - top[1][1]))
-    ran = time.perf_counter() - t0
+    print(f"  generated in {time.perf_counter() - t0:.1f} s", flush=True)
     engine.shutdown()
-    print(f"  built in {built:.1f} s, generated in {ran:.1f} s", flush=True)
     return [steps[i] for i in ids]
 
 
@@ -56,6 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompts", type=int, default=8, help="requests, of lengths spread over 8..--max-prompt-len")
     p.add_argument("--max-prompt-len", type=int, default=300)
     p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--path", default="both", choices=["both", "fast", "eager"])
+    p.add_argument("--save", help="with --path fast|eager: write the steps to this JSON file")
+    p.add_argument("--stall-s", type=float, default=120.0, help="print all stacks if a path runs this long")
     p.add_argument("--logprob-tol", type=float, default=0.1,
                    help="largest allowed |logprob difference| of a token both paths chose (default 0.1)")
     args = p.parse_args(argv)
@@ -66,11 +73,25 @@ def main(argv: list[str] | None = None) -> int:
     common = dict(device=args.device, max_model_len=args.max_prompt_len + args.max_tokens + 8,
                   max_num_seqs=max(args.prompts, 1), enable_prefix_caching=False, progress=False,
                   tensor_parallel_size=args.tp)
-    print(f"fast path (CUDA graphs where on GPU, Triton/cuBLAS kernels), tp {args.tp}:", flush=True)
-    fast = run(cfg, EngineConfig(**common), prompts, args.max_tokens)
-    print("eager path (no graphs, torch attention, per-expert MoE loop, FP8 dequantized per call):", flush=True)
-    eager = run(cfg, EngineConfig(**common, enforce_eager=True, attn_backend="torch", moe_backend="torch",
-                                  fp8_impl="torch"), prompts, args.max_tokens)
+    if args.path != "both":
+        faulthandler.dump_traceback_later(args.stall_s, repeat=True)
+        config = EngineConfig(**common) if args.path == "fast" else EngineConfig(
+            **common, enforce_eager=True, attn_backend="torch", moe_backend="torch", fp8_impl="torch")
+        Path(args.save).write_text(json.dumps(run(cfg, config, prompts, args.max_tokens)))
+        return 0
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for path, what in (("fast", "CUDA graphs where on GPU, Triton/cuBLAS kernels"),
+                           ("eager", "no graphs, torch attention, per-expert MoE loop, FP8 dequantized per call")):
+            print(f"{path} path ({what}), tp {args.tp}:", flush=True)
+            save = Path(tmp) / f"{path}.json"
+            argv_path = list(argv if argv is not None else sys.argv[1:])
+            code = subprocess.call([sys.executable, __file__, *argv_path, "--path", path, "--save", str(save)])
+            if code != 0:
+                print(f"the {path} path failed (status {code})")
+                return 1
+            results[path] = json.loads(save.read_text())
+    fast, eager = results["fast"], results["eager"]
     same, worst = 0, 0.0
     for i, (n, a, b) in enumerate(zip(lengths, fast, eager)):
         ta, tb = [s[0] for s in a], [s[0] for s in b]

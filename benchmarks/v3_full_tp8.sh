@@ -14,7 +14,24 @@ TP=${TP:-8}
 DEVICE=${DEVICE:-cuda}
 LAYERS_ARG=${LAYERS:+--layers $LAYERS}
 PY=${PYTHON:-python3}
-export PYTHONUNBUFFERED=1
+export PYTHONUNBUFFERED=1 PYTHONFAULTHANDLER=1      # SIGABRT prints every thread's Python stack
+PATTERN="python3? .*(compare_eager|-m dsinfer)"      # this run's processes (rank 0, the workers, the server)
+
+limited() {   # limited SECONDS LOG CMD...: CMD's output to LOG; past SECONDS, every process's stacks, then kill
+    local limit=$1 log=$2; shift 2
+    "$@" >"$log" 2>&1 &
+    local pid=$! t=0
+    while kill -0 $pid 2>/dev/null; do
+        if (( t >= limit )); then
+            echo "over ${limit}s: stacks (in $log), then kill" | tee -a "$log"
+            pkill -ABRT -f "$PATTERN"; sleep 5; pkill -9 -f "$PATTERN"; wait $pid
+            cat "$log"; return 124
+        fi
+        sleep 1; t=$((t + 1))
+    done
+    wait $pid; local rc=$?
+    cat "$log"; return $rc
+}
 
 smi() {   # per-GPU memory in use, every 5 s, while a stage runs
     nvidia-smi --query-gpu=timestamp,index,memory.used,memory.total --format=csv -l 5 >"$OUT/$1-memory.csv" 2>&1 &
@@ -23,16 +40,16 @@ smi() {   # per-GPU memory in use, every 5 s, while a stage runs
 
 stage_bench() {
     local pid; pid=$(smi bench)
-    $PY -m dsinfer bench --config v3 $LAYERS_ARG --tp "$TP" --device "$DEVICE" --batch ${BATCHES:-1 32 128 256} \
-        --decode-steps 32 --prefill-len ${PREFILL:-4096 32768} 2>&1 | tee "$OUT/bench.txt"
+    limited "${LIMIT:-480}" "$OUT/bench.txt" $PY -m dsinfer bench --config v3 $LAYERS_ARG --tp "$TP" --device "$DEVICE" \
+        --batch ${BATCHES:-1 32 128 256} --decode-steps 32 --prefill-len ${PREFILL:-4096 32768}
     local rc=$?
     kill "$pid"
     return $rc
 }
 
 stage_compare() {
-    $PY benchmarks/compare_eager.py --config v3 $LAYERS_ARG --tp "$TP" --device "$DEVICE" --prompts 8 \
-        --max-prompt-len 300 --max-tokens 16 2>&1 | tee "$OUT/compare.txt"
+    limited "${LIMIT:-300}" "$OUT/compare.txt" $PY benchmarks/compare_eager.py --config v3 $LAYERS_ARG --tp "$TP" \
+        --device "$DEVICE" --prompts 8 --max-prompt-len 300 --max-tokens 16 --stall-s 100
 }
 
 stage_serve() {
@@ -48,10 +65,12 @@ stage_serve() {
     done
     echo "server up after ${SECONDS}s of this script"
     $PY benchmarks/load_server.py --url "http://127.0.0.1:$port" --clients 64 256 --requests 512 \
-        --max-tokens 64 --duration 120 2>&1 | tee "$OUT/load.txt"
+        --max-tokens 64 --duration ${LOAD_S:-120} 2>&1 | tee "$OUT/load.txt"
     local rc=$?
-    kill -INT $server
-    wait $server
+    kill -INT $server                                   # a clean stop takes seconds
+    for _ in $(seq 30); do kill -0 $server 2>/dev/null || break; sleep 1; done
+    kill -0 $server 2>/dev/null && { echo "server still up 30 s after SIGINT: stacks, then kill";
+                                     pkill -ABRT -f "$PATTERN"; sleep 5; pkill -9 -f "$PATTERN"; rc=1; }
     kill "$pid"
     return $rc
 }
