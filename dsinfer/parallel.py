@@ -36,6 +36,9 @@ class ParallelState:
         # Called once by shutdown() (graceful=True: the workers were told to stop, wait for them) or abort()
         # (graceful=False: stop them); set by the launcher, which also leaves the process groups there.
         self.on_shutdown: Callable[[bool], None] | None = None
+        # Called before the groups are left: NCCL's teardown waits forever for CUDA graphs that captured its
+        # collectives and are still alive, so their owners release them here.
+        self.before_leaving: list[Callable[[], None]] = []
         self.closed = world_size == 1
 
     @classmethod
@@ -140,6 +143,9 @@ class ParallelState:
 
     def _close(self, graceful: bool) -> None:
         self.closed = True
+        release, self.before_leaving = self.before_leaving, []
+        for fn in release if graceful else ():     # after an error a peer may hold a collective: no waiting
+            fn()
         hook, self.on_shutdown = self.on_shutdown, None
         if hook is not None:
             hook(graceful)

@@ -48,3 +48,7 @@ def test_cuda_graphs_and_fused_moe_equal_eager_loop(name, checkpoint):
             found += [o.logprobs for o in llm.engine.step() if o.seq_id == seq]
         logprobs.append(torch.tensor([[lp for _, lp in t.top] for t in found]))
     torch.testing.assert_close(logprobs[1], logprobs[0], atol=1e-4, rtol=1e-4)
+    graphs.engine.runner.graphs.release()                 # what a tensor-parallel group does before it is left
+    assert not graphs.engine.runner.graphs.can_run(1, 8)
+    assert [o.token_ids for o in graphs.generate(prompts[:3], params[:3])] == \
+        [o.token_ids for o in eager.generate(prompts[:3], params[:3])]             # eager steps from then on

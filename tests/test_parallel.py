@@ -91,6 +91,23 @@ def test_engine_knows_its_rank():
     assert llm.engine.parallel.closed
 
 
+def test_releases_run_before_the_group_is_left_on_a_clean_stop_only():
+    """CUDA graphs that captured NCCL collectives must be freed before NCCL's teardown (which waits for them)."""
+    order = []
+    worker = ParallelState(rank=1, world_size=2)          # a worker's shutdown sends nothing
+    worker.before_leaving.append(lambda: order.append("release"))
+    worker.on_shutdown = lambda graceful: order.append(f"leave graceful={graceful}")
+    worker.shutdown()
+    worker.shutdown()                                     # once
+    assert order == ["release", "leave graceful=True"]
+    order.clear()
+    failed = ParallelState(rank=0, world_size=2)
+    failed.before_leaving.append(lambda: order.append("release"))
+    failed.on_shutdown = lambda graceful: order.append(f"leave graceful={graceful}")
+    failed.abort()                                        # a peer may be inside a collective: nothing waits
+    assert order == ["leave graceful=False"]
+
+
 def test_single_state_has_no_collectives():
     p = ParallelState.single()
     x = torch.randn(3, 4)

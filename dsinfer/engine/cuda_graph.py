@@ -70,6 +70,15 @@ class CudaGraphRunner:
         torch.cuda.current_stream(self.device).wait_stream(stream)
         torch.cuda.synchronize(self.device)
 
+    def release(self) -> None:
+        """Free the graphs and their memory pool (before a tensor-parallel group is left: see ParallelState)."""
+        torch.cuda.synchronize(self.device)
+        for graph in self.graphs.values():
+            graph.reset()
+        self.graphs.clear()
+        self.logits.clear()
+        self.pool = None
+
     def can_run(self, num_seqs: int, max_context: int) -> bool:
         return bool(self.graphs) and num_seqs <= self.max_batch and max_context <= self.max_seq_len
 
