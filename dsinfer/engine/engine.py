@@ -13,8 +13,7 @@ from ..config import EngineConfig
 from ..kernels.mla_triton import triton_available
 from ..models import ModelArgs
 from ..models.args_v4 import ModelArgsV4
-from ..models.layers import set_fp8_impl
-from ..models.mla import set_attn_backend
+from ..models.layers import set_attn_backend, set_fp8_impl
 from ..models.moe import set_moe_backend
 from ..parallel import ParallelState
 from ..sampling import Sampler, SamplingParams, TokenLogprobs, compute_logprobs

@@ -74,6 +74,20 @@ def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = N
     return y.to(x.dtype).view(*x.shape[:-1], weight.shape[0])                 # (..., N)
 
 
+ATTN_BACKENDS = ("torch", "triton")
+
+
+def set_attn_backend(model: nn.Module, backend: str) -> None:
+    """Run the attention of `model` with the PyTorch twins or the Triton kernels: MLA's absorbed attention and
+    cache write; DeepSeek-V4's sparse attention, compressor pooling, indexer scoring and hyper-connection mixing
+    (every module with an `attn_backend` attribute)."""
+    if backend not in ATTN_BACKENDS:
+        raise ValueError(f"unknown attention backend {backend!r}; choose one of {', '.join(ATTN_BACKENDS)}")
+    for m in model.modules():
+        if hasattr(m, "attn_backend"):
+            m.attn_backend = backend
+
+
 def set_fp8_impl(model: nn.Module, impl: str, scale_fmt: str | None = None) -> None:
     """Choose how every FP8 linear layer and expert stack of `model` computes (see FP8_IMPLS).
 

@@ -25,18 +25,6 @@ from .layers import ColumnParallelLinear, Linear, RMSNorm, RowParallelLinear
 from .rope import apply_rotary
 
 ATTN_IMPLS = ("absorb", "naive")
-ATTN_BACKENDS = ("torch", "triton")     # who runs the absorbed attention and the cache write
-
-
-def set_attn_backend(model: nn.Module, backend: str) -> None:
-    """Run every MLA layer of `model` with the PyTorch twins or the Triton kernels."""
-    if backend not in ATTN_BACKENDS:
-        raise ValueError(f"unknown attention backend {backend!r}; choose one of {', '.join(ATTN_BACKENDS)}")
-    for m in model.modules():
-        if isinstance(m, MLA):
-            m.attn_backend = backend
-
-
 class MLA(nn.Module):
     def __init__(self, args: ModelArgs, attn_impl: str = "absorb", parallel: ParallelState | None = None):
         super().__init__()

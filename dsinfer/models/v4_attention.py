@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..kernels.fp4 import fp8_act_quant_dequant_torch
-from ..kernels.v4_sparse_attention import sparse_attention_torch
+from ..kernels.v4_sparse_attention import sparse_attention, sparse_attention_torch
 from .args_v4 import CSA, SLIDING, ModelArgsV4
 from .layers import Linear, RMSNorm
 from .rope import apply_rotary
@@ -43,6 +43,7 @@ class Attention(nn.Module):
         self.kind, self.ratio = args.attn_types[layer_id], args.compress_ratios[layer_id]
         self.rope_kind = "main" if self.kind == SLIDING else "compress"
         self.simulate_qat = True
+        self.attn_backend = "torch"       # or "triton": the sparse-attention kernel (layers.set_attn_backend)
 
         self.attn_sink = nn.Parameter(torch.zeros(self.n_heads, dtype=torch.float32), requires_grad=False)
         self.wq_a = Linear(args.dim, args.q_lora_rank, block)
@@ -111,4 +112,7 @@ class Attention(nn.Module):
         if entries is not None and entries.shape[0]:
             indices = torch.cat([indices, torch.where(picked >= 0, picked + keys.shape[0], -1)], dim=1)
             keys = torch.cat([keys, entries])
+        if self.attn_backend == "triton":
+            return sparse_attention(q.contiguous(), keys.contiguous(), indices.to(torch.int32).contiguous(),
+                                    self.attn_sink, self.softmax_scale)
         return sparse_attention_torch(q, keys, indices, self.attn_sink, self.softmax_scale)
