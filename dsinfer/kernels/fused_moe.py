@@ -287,7 +287,10 @@ def _gemm(a, a_s, w, w_s, w3, w3_s, out, sorted_slots, block_expert, route_w, to
     if mode == "fp4_weight_only":
         w_s, w3_s = w_s.view(torch.uint8), w3_s.view(torch.uint8)
     rows = a.shape[0] if dense else route_w.numel()
-    grid = (triton.cdiv(rows, block_m) if dense else block_expert.numel(), triton.cdiv(N, block_n))
+    # Tiles past `active_tiles` are always empty (-1): experts with no slot take no tile, so at most
+    # T*k // block_m + min(T*k, n_local) tiles are used. Launching only those matters at small batches, where
+    # the worst-case layout (sized for every expert half-empty) is mostly empty tiles.
+    grid = (triton.cdiv(rows, block_m) if dense else min(block_expert.numel(), active_tiles), triton.cdiv(N, block_n))
     dummy = out                                   # any tensor: pointers the constexpr flags never read
     _moe_gemm_kernel[grid](
         a, dummy if a_s is None else a_s, w, dummy if w_s is None else w_s, w3, dummy if w3_s is None else w3_s,
@@ -364,7 +367,7 @@ def fused_moe(x: torch.Tensor, route_w: torch.Tensor, indices: torch.Tensor, w1:
     n_local, inter = w1.shape[0], w1.shape[1]
     top_k = indices.shape[1]
     block_m = _block_m(indices.numel(), n_local)
-    active = min(indices.numel(), n_local) + indices.numel() // block_m     # tiles that do work, about
+    active = min(indices.numel(), n_local) + indices.numel() // block_m     # tiles that can hold slots, at most
     sorted_slots, block_expert = align_slots(indices, first, n_local, block_m)
     route_w = route_w.float().contiguous().flatten()
     x, a_s = _activations(x, mode)
