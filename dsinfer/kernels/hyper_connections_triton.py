@@ -18,7 +18,7 @@ def _hc_pre_mix_kernel(
     # constexprs
     BLOCK_HC: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    t = tl.program_id(0)
+    t = tl.program_id(0).to(tl.int64)             # int64: t * stride_xt passes 2^31 for long prefills
     rows = tl.arange(0, BLOCK_HC)                  # stream j (the row of comb), padded to a power of two
     cols = tl.arange(0, BLOCK_HC)                  # stream k (the column of comb)
     r_ok, c_ok = rows < HC, cols < HC
@@ -76,7 +76,7 @@ def _hc_post_kernel(
     # constexprs
     BLOCK_HC: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    t = tl.program_id(0)
+    t = tl.program_id(0).to(tl.int64)             # int64: t * stride_xt passes 2^31 for long prefills
     dims = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     ks = tl.arange(0, BLOCK_HC)                    # output stream k, padded to a power of two
     d_ok, k_ok = dims < D, ks < HC
