@@ -30,6 +30,7 @@ class Block(nn.Module):
     def __init__(self, layer_id: int, args: ModelArgsV4):
         super().__init__()
         self.norm_eps, self.hc_eps, self.hc_iters = args.norm_eps, args.hc_eps, args.hc_sinkhorn_iters
+        self.attn_backend = "torch"          # "triton": the hyper-connection kernels (layers.set_attn_backend)
         self.attn_norm = RMSNorm(args.dim, args.norm_eps)
         self.attn = Attention(layer_id, args)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
@@ -41,12 +42,13 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, batch: V4Batch, layer_id: int, rope_table: torch.Tensor) -> torch.Tensor:
         """x: (T, hc, D) streams -> (T, hc, D)."""
         states = [s.layers[layer_id] for s in batch.states]
+        k = self.attn_backend == "triton"
         y, post, comb = hc_pre(x, self.hc_attn_fn, self.hc_attn_scale, self.hc_attn_base, self.hc_iters,
-                               self.hc_eps, self.norm_eps)
-        x = hc_post(self.attn(self.attn_norm(y), batch, states, rope_table), x, post, comb)
+                               self.hc_eps, self.norm_eps, k)
+        x = hc_post(self.attn(self.attn_norm(y), batch, states, rope_table), x, post, comb, k)
         y, post, comb = hc_pre(x, self.hc_ffn_fn, self.hc_ffn_scale, self.hc_ffn_base, self.hc_iters,
-                               self.hc_eps, self.norm_eps)
-        return hc_post(self.ffn(self.ffn_norm(y), batch.token_ids), x, post, comb)
+                               self.hc_eps, self.norm_eps, k)
+        return hc_post(self.ffn(self.ffn_norm(y), batch.token_ids), x, post, comb, k)
 
 
 class Transformer(nn.Module):
