@@ -6,6 +6,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .triton_common import interpreting
+
 
 @triton.jit
 def _indexer_scores_kernel(
@@ -40,8 +42,8 @@ def _indexer_scores_kernel(
                         mask=h_ok[:, None] & d_ok[None, :], other=0.0)
             w = tl.load(w_ptr + s * stride_ws + heads, mask=h_ok, other=0.0)
             # per-head logits q_h . K_t, accumulated in float32: (BLOCK_H, BLOCK_N)
-            if IEEE:       # float32 inputs: exact products (the GPU default would round them to TF32)
-                logits = tl.dot(q, kT, input_precision="ieee")
+            if IEEE:       # float32 dot, exact products (the GPU default would round float32 inputs to TF32)
+                logits = tl.dot(q.to(tl.float32), kT.to(tl.float32), input_precision="ieee")
             else:          # bf16 / fp16: products are exact in float32 anyway
                 logits = tl.dot(q, kT).to(tl.float32)
             # relu per head, weight by w[s, h], sum over the heads
@@ -58,10 +60,13 @@ def launch(q: torch.Tensor, keys: torch.Tensor, w: torch.Tensor, positions: torc
     BLOCK_H = max(16, min(64, triton.next_power_of_2(H)))   # tl.dot needs at least 16 rows; padded heads masked
     BLOCK_N = 64
     BLOCK_D = max(16, triton.next_power_of_2(D))            # one block holds a whole head (d = 128 in V4)
+    # a float32 dot for float32 inputs, and for any under the interpreter: Triton 3.6's interpreter multiplies bf16
+    # as raw uint16 bits; bf16 and fp16 products are exact in float32, so this changes nothing but the speed
+    ieee = q.dtype == torch.float32 or interpreting()
     grid = (S, triton.cdiv(N, BLOCK_N))
     _indexer_scores_kernel[grid](
         q, keys, w, positions, out,
         H, N, D, ratio,
         q.stride(0), q.stride(1), keys.stride(0), w.stride(0), out.stride(0),
-        BLOCK_H=BLOCK_H, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, IEEE=q.dtype == torch.float32,
+        BLOCK_H=BLOCK_H, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, IEEE=ieee,
         num_warps=4 if BLOCK_D <= 128 else 8)

@@ -1,0 +1,131 @@
+"""The V4 compressor's pooling step: the PyTorch twin against the model's own modules (softmax pooling, RMSNorm,
+apply_rotary), and the Triton kernel (Triton's interpreter on CPU) against the twin. Grids cross the slot counts
+of CSA (4, 8 with overlap) and HCA (128), -inf slots of a missing previous window, d not a power of two, a ragged
+last slot block, both rotary widths and float32 / bfloat16 output."""
+
+import pytest
+import torch
+
+from dsinfer.kernels.v4_compress import compress_pool, compress_pool_torch
+from dsinfer.models.args import RopeArgs
+from dsinfer.models.layers import RMSNorm
+from dsinfer.models.rope import apply_rotary, rope_cos_sin
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"     # CPU: Triton's interpreter (set in conftest)
+EPS = 1e-6
+
+
+def case(n, slots, d, rd, missing, seed=0):
+    """kv, score (n, slots, d); norm weight (d,); cos_sin (n, rd/2, 2) from a real rope table. With `missing`,
+    entry 0 has no previous window (its first half of slots: kv 0, score -inf, as Compressor.forward builds it),
+    and other entries have scattered -inf scores (never a whole column)."""
+    g = torch.Generator().manual_seed(seed)
+    kv = torch.randn(n, slots, d, generator=g) * 3
+    score = torch.randn(n, slots, d, generator=g) * 2
+    if missing:
+        kv[0, :slots // 2] = 0
+        score[0, :slots // 2] = float("-inf")
+        scattered = torch.rand(n, slots, d, generator=g) < 0.3
+        scattered[0], scattered[:, -1] = False, False
+        score[scattered] = float("-inf")
+    weight = 1 + 0.5 * torch.randn(d, generator=g)
+    positions = torch.randint(0, 4096, (n,), generator=g) // 4 * 4
+    table = rope_cos_sin(RopeArgs(rope_type="yarn", factor=16.0, original_seq_len=1024), rd, 4096)
+    return kv, score, weight, table[positions].contiguous()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n,slots,d,rd,missing", [(1, 4, 128, 64, False), (3, 8, 96, 32, True),
+                                                   (2, 128, 512, 64, True), (3, 8, 64, 64, True)])
+def test_twin_equals_the_model_sequence(n, slots, d, rd, missing, dtype):
+    kv, score, weight, cos_sin = case(n, slots, d, rd, missing)
+    norm = RMSNorm(d, EPS)
+    norm.weight.data.copy_(weight)
+    pooled = (kv * score.softmax(dim=1)).sum(dim=1)                 # Compressor.forward, on CPU
+    entries = norm(pooled.to(dtype))
+    want = torch.cat([entries[:, :-rd], apply_rotary(entries[:, -rd:], cos_sin)], dim=-1)
+    got = compress_pool_torch(kv, score, weight, cos_sin, EPS, dtype)
+    assert got.dtype == dtype and got.shape == (n, d)
+    assert torch.equal(got, want)
+
+
+def assert_matches(got, want, dtype):
+    got, want = got.cpu(), want.cpu()
+    assert got.dtype == want.dtype and got.shape == want.shape
+    assert torch.isfinite(got.float()).all()
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    else:       # about 1 bf16 ulp (entries are O(1)), and nearly every element rounded to the same value
+        torch.testing.assert_close(got.float(), want.float(), rtol=2 ** -7, atol=2 ** -7)
+        assert (got != want).sum() <= max(2, got.numel() // 100)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rd", [64, 32])
+@pytest.mark.parametrize("d", [128, 96, 512])
+@pytest.mark.parametrize("slots,missing", [(4, False), (8, False), (8, True), (128, False), (128, True)])
+@pytest.mark.parametrize("n", [1, 3])
+def test_kernel_equals_twin(n, slots, missing, d, rd, dtype):
+    pytest.importorskip("triton")
+    kv, score, weight, cos_sin = (t.to(DEVICE) for t in case(n, slots, d, rd, missing, seed=1))
+    want = compress_pool_torch(kv, score, weight, cos_sin, EPS, dtype)
+    assert_matches(compress_pool(kv, score, weight, cos_sin, EPS, dtype), want, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n,slots,d,rd", [(2, 20, 512, 64), (1, 4, 64, 64), (2, 8, 2, 2)])
+def test_kernel_corners(n, slots, d, rd, dtype):
+    """A ragged last slot block (20 slots in blocks of 8 at d = 512), rd == d, the smallest row."""
+    pytest.importorskip("triton")
+    kv, score, weight, cos_sin = (t.to(DEVICE) for t in case(n, slots, d, rd, True, seed=2))
+    want = compress_pool_torch(kv, score, weight, cos_sin, EPS, dtype)
+    assert_matches(compress_pool(kv, score, weight, cos_sin, EPS, dtype), want, dtype)
+
+
+def test_kernel_with_no_entries():
+    kv, score, weight, cos_sin = (t.to(DEVICE) for t in case(1, 8, 96, 32, False))
+    out = compress_pool(kv[:0], score[:0], weight, cos_sin[:0], EPS, torch.bfloat16)
+    assert out.shape == (0, 96) and out.dtype == torch.bfloat16
+
+
+def test_kernel_checks_its_arguments():
+    kv, score, weight, cos_sin = (t.to(DEVICE) for t in case(2, 8, 96, 32, False))
+    with pytest.raises(TypeError, match="score must be float32; got bfloat16"):
+        compress_pool(kv, score.bfloat16(), weight, cos_sin, EPS, torch.bfloat16)
+    with pytest.raises(TypeError, match="out_dtype must be float32, float16, bfloat16"):
+        compress_pool(kv, score, weight, cos_sin, EPS, torch.int8)
+    with pytest.raises(ValueError, match="kv must be 3-D"):
+        compress_pool(kv[0], score, weight, cos_sin, EPS, torch.float32)
+    with pytest.raises(ValueError, match="kv must be contiguous"):
+        compress_pool(kv.transpose(1, 2).contiguous().transpose(1, 2), score, weight, cos_sin, EPS, torch.float32)
+    with pytest.raises(ValueError, match="cos_sin must be contiguous"):
+        compress_pool(kv, score, weight, cos_sin.transpose(0, 1).contiguous().transpose(0, 1), EPS,
+                      torch.float32)
+    with pytest.raises(ValueError, match="shapes do not agree"):
+        compress_pool(kv, score[:, :4].contiguous(), weight, cos_sin, EPS, torch.float32)
+    with pytest.raises(ValueError, match="shapes do not agree"):
+        compress_pool(kv, score, weight[:64].contiguous(), cos_sin, EPS, torch.float32)
+    with pytest.raises(ValueError, match="shapes do not agree"):
+        compress_pool(kv, score, weight, cos_sin[:1].contiguous(), EPS, torch.float32)
+    with pytest.raises(ValueError, match="0 < rd <= d"):
+        compress_pool(kv, score, weight, torch.zeros(2, 49, 2, device=DEVICE), EPS, torch.float32)
+    with pytest.raises(ValueError, match="even d"):
+        compress_pool(kv[..., :95].contiguous(), score[..., :95].contiguous(), weight[:95].contiguous(), cos_sin,
+                      EPS, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernel_rounds_ties_to_even(dtype):
+    """One slot: the pooled row is kv itself, here float32 values half way between two bfloat16 values (odd and
+    even last bits, ones that carry into the exponent), so `pooled.to(bfloat16)` must round ties to even."""
+    g = torch.Generator().manual_seed(3)
+    exponent = torch.randint(124, 130, (2, 1, 512), generator=g, dtype=torch.int32) << 7   # |x| in [1/8, 8)
+    high = exponent | torch.randint(0, 128, (2, 1, 512), generator=g, dtype=torch.int32)
+    high[..., :4] = torch.tensor([0x3F7F, 0x3F80, 0x3F81, 0x407F])     # odd and even last bits, carries
+    kv = (high << 16 | 0x8000).view(torch.float32)                     # half a bfloat16 ulp above each `high`
+    kv = kv * (torch.randint(0, 2, kv.shape, generator=g) * 2 - 1)     # either sign
+    score, weight = torch.zeros_like(kv), torch.ones(512)
+    cos_sin = rope_cos_sin(RopeArgs(), 64, 8)[torch.tensor([0, 4])]
+    args = [t.to(DEVICE) for t in (kv, score, weight, cos_sin)]
+    want = compress_pool_torch(*args, EPS, dtype)
+    assert_matches(compress_pool(*args, EPS, dtype), want, dtype)
