@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..kernels.fp4 import fp4_act_quant_dequant_torch, fp8_act_quant_dequant_torch
+from ..kernels.v4_compress import compress_pool, compress_pool_torch
 from .layers import RMSNorm
-from .rope import apply_rotary
 from .v4_state import CompressorState
 
 KV_QAT_BLOCK = 64        # FP8 QAT block of the key/value non-rotary dims
@@ -45,6 +45,7 @@ class Compressor(nn.Module):
         self.wkv = _Fp32Weight(dim, width)
         self.wgate = _Fp32Weight(dim, width)
         self.norm = RMSNorm(head_dim, norm_eps)
+        self.attn_backend = "torch"       # or "triton": the pooling kernel (layers.set_attn_backend)
 
     def forward(self, x: torch.Tensor, start_pos: int, state: CompressorState, rope_table: torch.Tensor,
                 simulate_qat: bool) -> torch.Tensor:
@@ -76,11 +77,12 @@ class Compressor(nn.Module):
         state.keep(kv_rest, score_rest, last)
         if n == 0:
             return state.read_entries(first) if first else x.new_zeros(0, d)
-        pooled = (kv * score.softmax(dim=1)).sum(dim=1)                              # (n, d) float32
-        entries = self.norm(pooled.to(x.dtype))
-        positions = (first + torch.arange(n, device=x.device)) * m                   # each window's first token
+        # softmax pool over the window -> RMSNorm -> rotary at each window's first token (kernels/v4_compress.py)
+        positions = (first + torch.arange(n, device=x.device)) * m
+        pool = compress_pool if self.attn_backend == "triton" else compress_pool_torch
+        entries = pool(kv.contiguous(), score.contiguous(), self.norm.weight, rope_table[positions].contiguous(),
+                       self.norm.eps, x.dtype)                                       # (n, d)
         rd = self.rope_head_dim
-        entries = torch.cat([entries[:, :-rd], apply_rotary(entries[:, -rd:], rope_table[positions])], dim=-1)
         if self.rotate:
             entries = hadamard(entries)
             if simulate_qat:

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from ..kernels.fp4 import fp4_act_quant_dequant_torch
+from ..kernels.v4_indexer import indexer_topk, indexer_topk_torch
 from .args_v4 import ModelArgsV4
 from .layers import Linear
 from .rope import apply_rotary
@@ -27,6 +28,7 @@ class Indexer(nn.Module):
         self.rope_head_dim = args.rope_head_dim
         self.wq_b = Linear(args.q_lora_rank, self.n_heads * self.head_dim, block)
         self.weights_proj = Linear(args.dim, self.n_heads)
+        self.attn_backend = "torch"       # or "triton": the scoring kernel (layers.set_attn_backend)
         self.compressor = Compressor(args.dim, self.head_dim, args.rope_head_dim, ratio, overlap=True, rotate=True,
                                      norm_eps=args.norm_eps)
 
@@ -48,11 +50,8 @@ class Indexer(nn.Module):
         if simulate_qat:
             q = fp4_act_quant_dequant_torch(q)
         w = self.weights_proj(x).float() * (self.head_dim * self.n_heads) ** -0.5          # (S, H)
-        scores = torch.einsum("shd,td->sht", q.float(), keys.float()).relu()
-        index = (scores * w.unsqueeze(-1)).sum(dim=1)                                       # (S, n)
-        visible = torch.arange(n, device=x.device)[None] < ((positions + 1) // self.ratio)[:, None]
-        index = index.masked_fill(~visible, float("-inf"))
+        # I[s, t] = sum_h w[s, h] relu(q_h . K_t) over the visible entries, then the top-k (kernels/v4_indexer.py).
         # Ties (ReLU makes scores exactly 0) are broken as topk breaks them, as in HF and the reference; topk's
         # choice among ties can depend on the row length, so batched and alone may then pick different entries.
-        top = index.topk(min(self.topk, n), dim=-1).indices                                 # (S, k)
-        return top.masked_fill(~visible.gather(1, top), -1)
+        topk = indexer_topk if self.attn_backend == "triton" else indexer_topk_torch
+        return topk(q.contiguous(), keys.contiguous(), w.contiguous(), positions, self.ratio, self.topk)

@@ -34,7 +34,9 @@ def test_kernels_equal_torch_through_prefill_and_decode(checkpoint, simulate_qat
     set_attn_backend(model, "torch")
     want = run(model, chunks)
     set_attn_backend(model, "triton")
-    assert model.layers[1].attn.attn_backend == "triton"
+    csa = model.layers[1]
+    assert csa.attn_backend == csa.attn.attn_backend == csa.attn.compressor.attn_backend == "triton"
+    assert csa.attn.indexer.attn_backend == csa.attn.indexer.compressor.attn_backend == "triton"
     got = run(model, chunks)
     assert (got - want).abs().max().item() < 1e-4 * want.abs().max().item()
     assert (got.argmax(-1) == want.argmax(-1)).all()
