@@ -16,6 +16,7 @@ Sliding layers use plain RoPE; compressed layers (attention, compressor and inde
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..kernels.fp4 import fp8_act_quant_dequant_torch
@@ -31,6 +32,11 @@ from .v4_state import CompressorState, LayerState, V4Batch
 def rms_unweighted(x: torch.Tensor, eps: float) -> torch.Tensor:
     """x / sqrt(mean(x^2) + eps) over the last dim; the factor in float32, the product in x's dtype (as HF)."""
     return x * torch.rsqrt(x.float().square().mean(-1, keepdim=True) + eps).to(x.dtype)
+
+
+def _take(t, rows: slice):
+    """A tensor, or a (nested) tuple of them, cut to `rows` along the first dim."""
+    return tuple(_take(u, rows) for u in t) if isinstance(t, tuple) else t[rows]
 
 
 class Attention(nn.Module):
@@ -77,18 +83,35 @@ class Attention(nn.Module):
         if self.simulate_qat:
             kv = torch.cat([fp8_act_quant_dequant_torch(kv[:, :-rd], KV_QAT_BLOCK), kv[:, -rd:]], dim=-1)
 
-        o = torch.empty_like(q)
+        # Projections for the whole batch at once; then, sequence by sequence, the stateful parts (compressor
+        # windows, indexer, window rows), each sequence's keys gathered into one pool for one attention launch.
+        comp = self.compressor.project(x) if self.kind != SLIDING else None
+        idx = self.indexer.project(x, qr, batch.positions, rope_table, self.simulate_qat) if self.indexer else None
+        pools, index_rows, offset = [], [], 0
         for b, state in enumerate(states):
             rows, p0 = batch.rows(b), batch.start_pos[b]
             entries, picked = None, None
             if self.kind != SLIDING:
-                entries = self.compressor(x[rows], p0, state.compressor, rope_table, self.simulate_qat)
+                entries = self.compressor(x[rows], p0, state.compressor, rope_table, self.simulate_qat,
+                                          _take(comp, rows))
                 if self.indexer is not None:
-                    picked = self.indexer(x[rows], qr[rows], p0, state.indexer, rope_table, self.simulate_qat)
+                    picked = self.indexer(x[rows], qr[rows], p0, state.indexer, rope_table, self.simulate_qat,
+                                          _take(idx, rows))
                 else:                                                               # HCA: every visible entry
                     every = torch.arange(entries.shape[0], device=x.device)[None]
                     picked = every.masked_fill(every >= ((batch.positions[rows] + 1) // self.ratio)[:, None], -1)
-            o[rows] = self._attend(q[rows], kv[rows], p0, state, entries, picked)
+            keys, indices = self._gather(kv[rows], p0, state, entries, picked)
+            pools.append(keys)
+            index_rows.append(torch.where(indices >= 0, indices + offset, -1))
+            offset += keys.shape[0]
+        width = max(i.shape[1] for i in index_rows)
+        indices = torch.cat([F.pad(i, (0, width - i.shape[1]), value=-1) for i in index_rows])
+        pool = torch.cat(pools)                                                     # (all sequences' keys, d)
+        if self.attn_backend == "triton":
+            o = sparse_attention(q.contiguous(), pool.contiguous(), indices.to(torch.int32).contiguous(),
+                                 self.attn_sink, self.softmax_scale)
+        else:
+            o = sparse_attention_torch(q, pool, indices, self.attn_sink, self.softmax_scale)     # (T, H, d)
 
         # Undo the rotation the values carried: rotate the output's rope part by minus the query angle.
         o = torch.cat([o[..., :-rd], apply_rotary(o[..., -rd:], cos_sin * cos_sin.new_tensor([1.0, -1.0]))], -1)
@@ -97,22 +120,20 @@ class Attention(nn.Module):
         z = torch.einsum("tgd,grd->tgr", o, wo_a)                                   # (T, G, o_lora)
         return self.wo_b(z.flatten(1))
 
-    def _attend(self, q: torch.Tensor, kv: torch.Tensor, p0: int, state: LayerState, entries: torch.Tensor | None,
-                picked: torch.Tensor | None) -> torch.Tensor:
-        """One sequence: q (S, H, d), kv (S, d) new rows at positions p0..; entries (n, d) with picked (S, k)
-        indices into them (-1 = none). Appends kv to the window state. Returns (S, H, d) in q's dtype."""
-        S, W = q.shape[0], self.window_size
+    def _gather(self, kv: torch.Tensor, p0: int, state: LayerState, entries: torch.Tensor | None,
+                picked: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One sequence: kv (S, d) new rows at positions p0..; entries (n, d) with picked (S, k) indices into them
+        (-1 = none). Appends kv to the window state. Returns the keys the sequence's queries may read (its window
+        rows, new rows and entries, (N, d)) and each query's indices into them (S, W [+ k]), -1 = none."""
+        S, W = kv.shape[0], self.window_size
         past = state.past_window(p0)
         past = past if past is not None else kv.new_zeros(0, kv.shape[-1])
         keys = torch.cat([past, kv])                                                # (Wp + S, d)
         state.keep_window(keys[max(0, keys.shape[0] - (W - 1)):], p0 + S)
         # query s sees the rows of positions p0 + s - j, j < W: key index past.shape[0] + s - j where that is >= 0
-        window = past.shape[0] + torch.arange(S, device=q.device)[:, None] - torch.arange(W, device=q.device)
+        window = past.shape[0] + torch.arange(S, device=kv.device)[:, None] - torch.arange(W, device=kv.device)
         indices = window.masked_fill(window < 0, -1)                                # (S, W)
         if entries is not None and entries.shape[0]:
             indices = torch.cat([indices, torch.where(picked >= 0, picked + keys.shape[0], -1)], dim=1)
             keys = torch.cat([keys, entries])
-        if self.attn_backend == "triton":
-            return sparse_attention(q.contiguous(), keys.contiguous(), indices.to(torch.int32).contiguous(),
-                                    self.attn_sink, self.softmax_scale)
-        return sparse_attention_torch(q, keys, indices, self.attn_sink, self.softmax_scale)
+        return keys, indices

@@ -47,15 +47,20 @@ class Compressor(nn.Module):
         self.norm = RMSNorm(head_dim, norm_eps)
         self.attn_backend = "torch"       # or "triton": the pooling kernel (layers.set_attn_backend)
 
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: (T, D), any tokens (a whole batch at once) -> their kv and gate-score projections, (T, width) each,
+        float32."""
+        xf = x.float()
+        return F.linear(xf, self.wkv.weight.float()), F.linear(xf, self.wgate.weight.float())
+
     def forward(self, x: torch.Tensor, start_pos: int, state: CompressorState, rope_table: torch.Tensor,
-                simulate_qat: bool) -> torch.Tensor:
-        """x: (S, D), the tokens at positions start_pos.. of one sequence. Updates `state` and returns every
-        finished entry of the sequence, (n, head_dim) in x's dtype."""
+                simulate_qat: bool, projected: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """x: (S, D), the tokens at positions start_pos.. of one sequence (`projected`: their `project(x)`, if
+        the batch's was computed at once). Updates `state` and returns every finished entry of the sequence,
+        (n, head_dim) in x's dtype."""
         m, d = self.ratio, self.head_dim
         S = x.shape[0]
-        xf = x.float()
-        kv = F.linear(xf, self.wkv.weight.float())                                  # (S, width)
-        score = F.linear(xf, self.wgate.weight.float())
+        kv, score = projected if projected is not None else self.project(x)         # (S, width) each
         slot = torch.arange(start_pos, start_pos + S, device=x.device) % m
         score = score + self.ape[slot]
         first = start_pos // m                         # window index of the first buffered token

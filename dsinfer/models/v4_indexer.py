@@ -32,24 +32,34 @@ class Indexer(nn.Module):
         self.compressor = Compressor(args.dim, self.head_dim, args.rope_head_dim, ratio, overlap=True, rotate=True,
                                      norm_eps=args.norm_eps)
 
-    def forward(self, x: torch.Tensor, qr: torch.Tensor, start_pos: int, state: CompressorState,
-                rope_table: torch.Tensor, simulate_qat: bool) -> torch.Tensor:
-        """One sequence: x (S, D), qr (S, q_lora) at positions start_pos... Returns the compressed entries
-        each query attends to, (S, min(index_topk, n)) int64 indices into the n entries finished so far, -1 where
-        fewer are visible."""
-        S = x.shape[0]
-        positions = torch.arange(start_pos, start_pos + S, device=x.device)
-        keys = self.compressor(x, start_pos, state, rope_table, simulate_qat)          # (n, head_dim)
-        n = keys.shape[0]
-        if n == 0:
-            return torch.zeros(S, 0, dtype=torch.int64, device=x.device)
-        q = self.wq_b(qr).view(S, self.n_heads, self.head_dim)
+    def project(self, x: torch.Tensor, qr: torch.Tensor, positions: torch.Tensor, rope_table: torch.Tensor,
+                simulate_qat: bool) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """Any tokens (a whole batch at once): x (T, D), qr (T, q_lora) at `positions` -> queries (T, H, d)
+        rotated, Hadamard-transformed (FP4-rounded under QAT), head weights (T, H) float32, and the compressor's
+        projections."""
+        T = x.shape[0]
+        q = self.wq_b(qr).view(T, self.n_heads, self.head_dim)
         rd = self.rope_head_dim
         q = torch.cat([q[..., :-rd], apply_rotary(q[..., -rd:], rope_table[positions])], dim=-1)
         q = hadamard(q)
         if simulate_qat:
             q = fp4_act_quant_dequant_torch(q)
-        w = self.weights_proj(x).float() * (self.head_dim * self.n_heads) ** -0.5          # (S, H)
+        w = self.weights_proj(x).float() * (self.head_dim * self.n_heads) ** -0.5          # (T, H)
+        return q, w, self.compressor.project(x)
+
+    def forward(self, x: torch.Tensor, qr: torch.Tensor, start_pos: int, state: CompressorState,
+                rope_table: torch.Tensor, simulate_qat: bool, projected: tuple | None = None) -> torch.Tensor:
+        """One sequence: x (S, D), qr (S, q_lora) at positions start_pos.. (`projected`: their `project`, if the
+        batch's was computed at once). Returns the compressed entries each query attends to, (S, min(index_topk,
+        n)) int64 indices into the n entries finished so far, -1 where fewer are visible."""
+        S = x.shape[0]
+        positions = torch.arange(start_pos, start_pos + S, device=x.device)
+        q, w, kv_score = projected if projected is not None else self.project(x, qr, positions, rope_table,
+                                                                               simulate_qat)
+        keys = self.compressor(x, start_pos, state, rope_table, simulate_qat, kv_score)   # (n, head_dim)
+        n = keys.shape[0]
+        if n == 0:
+            return torch.zeros(S, 0, dtype=torch.int64, device=x.device)
         # I[s, t] = sum_h w[s, h] relu(q_h . K_t) over the visible entries, then the top-k (kernels/v4_indexer.py).
         # Ties (ReLU makes scores exactly 0) are broken as topk breaks them, as in HF and the reference; topk's
         # choice among ties can depend on the row length, so batched and alone may then pick different entries.
