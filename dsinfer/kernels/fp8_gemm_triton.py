@@ -41,7 +41,7 @@ def _fp8_gemm_kernel(a_ptr, a_s_ptr, b_ptr, b_s_ptr, c_ptr,
                      M, N, K, M_BUCKET,
                      stride_am, stride_bn, stride_cm, stride_asm, stride_bsn,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-                     EVEN_K: tl.constexpr):
+                     EVEN_K: tl.constexpr, SPLIT_K: tl.constexpr):
     # Grouped tile order: GROUP_M row-tiles share each weight column-tile while it is in L2.
     pid = tl.program_id(0)
     num_pid_m, num_pid_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
@@ -61,8 +61,16 @@ def _fp8_gemm_kernel(a_ptr, a_s_ptr, b_ptr, b_s_ptr, c_ptr,
     a_s_ptrs = a_s_ptr + safe_m * stride_asm
     b_s_ptrs = b_s_ptr + (safe_n // 128) * stride_bsn
 
+    # Split-K (small M): program_id(1) takes one of SPLIT_K runs of K blocks and writes a float32 partial.
+    k_blocks = tl.cdiv(K, BLOCK_K)
+    per_split = tl.cdiv(k_blocks, SPLIT_K)
+    k_first = tl.program_id(1) * per_split
+    k_last = tl.minimum(k_first + per_split, k_blocks)
+    a_ptrs += k_first * BLOCK_K
+    b_ptrs += k_first * BLOCK_K
+
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for i in range(tl.cdiv(K, BLOCK_K)):
+    for i in range(k_first, k_last):
         if EVEN_K:
             a = tl.load(a_ptrs)
             b = tl.load(b_ptrs)
@@ -76,11 +84,11 @@ def _fp8_gemm_kernel(a_ptr, a_s_ptr, b_ptr, b_s_ptr, c_ptr,
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K
 
-    c_ptrs = c_ptr + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :]
+    c_ptrs = c_ptr + tl.program_id(1).to(tl.int64) * M * N + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :]
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 
 
-_fp8_gemm_tuned = triton.autotune(_configs(), key=["N", "K", "M_BUCKET"],
+_fp8_gemm_tuned = triton.autotune(_configs(), key=["N", "K", "M_BUCKET"],       # SPLIT_K follows from these
                                   prune_configs_by=dict(early_config_prune=_prune),
                                   cache_results=True, do_bench=quick_bench)(_fp8_gemm_kernel)
 # The interpreter cannot time configs: it runs this one.
@@ -138,17 +146,29 @@ def fp8_gemm(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.Ten
         return c
     if k == 0:
         return c.zero_()
-    args = (a, a_s, b, b_s, c, m, n, k, m_bucket(m), a.stride(0), b.stride(0), c.stride(0), a_s.stride(0),
-            b_s.stride(0))
+    split = split_k(m, n, k)
+    out = c if split == 1 else torch.empty(split, m, n, dtype=torch.float32, device=a.device)
+    args = (a, a_s, b, b_s, out, m, n, k, m_bucket(m), a.stride(0), b.stride(0), n, a_s.stride(0), b_s.stride(0))
     even_k = k % 128 == 0
     if interpreting():
         cfg = _INTERPRET_CONFIG
-        grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
-        _fp8_gemm_kernel[grid](*args, EVEN_K=even_k, **cfg)
+        grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]), split)
+        _fp8_gemm_kernel[grid](*args, EVEN_K=even_k, SPLIT_K=split, **cfg)
     else:
-        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
-        _fp8_gemm_tuned[grid](*args, EVEN_K=even_k)
+        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), split)  # noqa: E731
+        _fp8_gemm_tuned[grid](*args, EVEN_K=even_k, SPLIT_K=split)
+    if split > 1:
+        torch.sum(out, dim=0, out=c)        # partials in split order: the result depends on the shapes only
     return c
 
 
-__all__ = ["fp8_gemm"]
+def split_k(m: int, n: int, k: int) -> int:
+    """How many runs of K blocks the GEMM is cut into. Decode-sized M with a narrow N (wkv_a's 576 columns, a
+    tensor-parallel slice) gives too few column tiles to keep the GPU's ~132 SMs streaming, each walking all of
+    K; splitting K multiplies the programs (aim: ~264 at 32-wide tiles) while every run keeps >= 4 blocks of 128."""
+    if m > 16:
+        return 1
+    return max(1, min(264 // triton.cdiv(n, 32), triton.cdiv(k, SCALE_BLOCK) // 4, 8))
+
+
+__all__ = ["fp8_gemm", "split_k"]
