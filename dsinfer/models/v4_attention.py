@@ -25,7 +25,7 @@ from .args_v4 import CSA, SLIDING, ModelArgsV4
 from .layers import Linear, RMSNorm
 from .rope import apply_rotary
 from .v4_compressor import KV_QAT_BLOCK, Compressor
-from .v4_indexer import Indexer
+from .v4_indexer import Indexer, visible_entries
 from .v4_state import CompressorState, LayerState, V4Batch
 
 
@@ -35,7 +35,9 @@ def rms_unweighted(x: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def _take(t, rows: slice):
-    """A tensor, or a (nested) tuple of them, cut to `rows` along the first dim."""
+    """A tensor, or a (nested) tuple of them (or None), cut to `rows` along the first dim."""
+    if t is None:
+        return None
     return tuple(_take(u, rows) for u in t) if isinstance(t, tuple) else t[rows]
 
 
@@ -86,7 +88,10 @@ class Attention(nn.Module):
         # Projections for the whole batch at once; then, sequence by sequence, the stateful parts (compressor
         # windows, indexer, window rows), each sequence's keys gathered into one pool for one attention launch.
         comp = self.compressor.project(x) if self.kind != SLIDING else None
-        idx = self.indexer.project(x, qr, batch.positions, rope_table, self.simulate_qat) if self.indexer else None
+        idx = None
+        if self.indexer is not None:                # queries are scored only where some sequence has > top-k entries
+            most = max(p0 + n for p0, n in zip(batch.start_pos, batch.lengths)) // self.ratio
+            idx = self.indexer.project(x, qr, batch.positions, rope_table, self.simulate_qat, most > self.indexer.topk)
         pools, index_rows, offset = [], [], 0
         for b, state in enumerate(states):
             rows, p0 = batch.rows(b), batch.start_pos[b]
@@ -98,8 +103,7 @@ class Attention(nn.Module):
                     picked = self.indexer(x[rows], qr[rows], p0, state.indexer, rope_table, self.simulate_qat,
                                           _take(idx, rows))
                 else:                                                               # HCA: every visible entry
-                    every = torch.arange(entries.shape[0], device=x.device)[None]
-                    picked = every.masked_fill(every >= ((batch.positions[rows] + 1) // self.ratio)[:, None], -1)
+                    picked = visible_entries(entries.shape[0], batch.positions[rows], self.ratio)
             keys, indices = self._gather(kv[rows], p0, state, entries, picked)
             pools.append(keys)
             index_rows.append(torch.where(indices >= 0, indices + offset, -1))

@@ -19,6 +19,13 @@ from .v4_compressor import Compressor, hadamard
 from .v4_state import CompressorState
 
 
+def visible_entries(n: int, positions: torch.Tensor, ratio: int) -> torch.Tensor:
+    """Every finished entry a query at each position may read, (S, n) int64, -1 where not yet visible (entry w
+    is visible from position (w + 1) * ratio - 1 on)."""
+    every = torch.arange(n, device=positions.device)[None]
+    return every.masked_fill(every >= ((positions + 1) // ratio)[:, None], -1)
+
+
 class Indexer(nn.Module):
     def __init__(self, args: ModelArgsV4, ratio: int):
         super().__init__()
@@ -33,10 +40,13 @@ class Indexer(nn.Module):
                                      norm_eps=args.norm_eps)
 
     def project(self, x: torch.Tensor, qr: torch.Tensor, positions: torch.Tensor, rope_table: torch.Tensor,
-                simulate_qat: bool) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+                simulate_qat: bool, score: bool = True) -> tuple:
         """Any tokens (a whole batch at once): x (T, D), qr (T, q_lora) at `positions` -> queries (T, H, d)
         rotated, Hadamard-transformed (FP4-rounded under QAT), head weights (T, H) float32, and the compressor's
-        projections."""
+        projections. score=False (no sequence has more than index_topk entries, so every visible one is picked):
+        the compressor's projections only, queries and weights None."""
+        if not score:
+            return None, None, self.compressor.project(x)
         T = x.shape[0]
         q = self.wq_b(qr).view(T, self.n_heads, self.head_dim)
         rd = self.rope_head_dim
@@ -58,8 +68,8 @@ class Indexer(nn.Module):
                                                                                simulate_qat)
         keys = self.compressor(x, start_pos, state, rope_table, simulate_qat, kv_score)   # (n, head_dim)
         n = keys.shape[0]
-        if n == 0:
-            return torch.zeros(S, 0, dtype=torch.int64, device=x.device)
+        if n <= self.topk:                      # the top-k of n <= k entries is every visible one: no scoring
+            return visible_entries(n, positions, self.ratio)
         # I[s, t] = sum_h w[s, h] relu(q_h . K_t) over the visible entries, then the top-k (kernels/v4_indexer.py).
         # Ties (ReLU makes scores exactly 0) are broken as topk breaks them, as in HF and the reference; topk's
         # choice among ties can depend on the row length, so batched and alone may then pick different entries.
