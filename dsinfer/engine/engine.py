@@ -136,7 +136,8 @@ class Engine:
                                      "for the host); use them, or set enforce_eager")
                 self.runner.capture_cuda_graphs(min(config.cuda_graph_max_batch, config.max_num_seqs),
                                                 self.max_model_len)
-                self.parallel.before_leaving.append(self.runner.graphs.release)
+                if self.parallel.world_size > 1:     # NCCL's teardown waits for graphs holding its collectives
+                    self.parallel.before_leaving.append(self.runner.graphs.release)
         self.scheduler = Scheduler(config, self.block_manager)
         self.sampler = Sampler()
         self.default_generator = torch.Generator(self.device).manual_seed(config.seed)
