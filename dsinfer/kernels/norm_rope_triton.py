@@ -1,8 +1,9 @@
-"""Two small fused kernels for the per-token path of every layer: RMSNorm and the interleaved rotary embedding.
+"""Small fused kernels for the per-token path of every layer: RMSNorm (optionally after the residual add) and
+the interleaved rotary embedding.
 
 In PyTorch each is six to eight elementwise launches (casts, square, mean, rsqrt, products); at decode batch
 sizes launches, not bytes, are their cost, so each becomes one launch here. Twins: `RMSNorm.forward`'s float32
-formula (`rms_norm_torch`) and `models.rope.apply_rotary` (`rotary_torch`).
+formula (`rms_norm_torch`, `add_rms_norm_torch`) and `models.rope.apply_rotary`.
 """
 
 from __future__ import annotations
@@ -43,6 +44,46 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 def rms_norm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     xf = x.float()
     return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight).to(x.dtype)
+
+
+@triton.jit
+def _add_rms_norm_kernel(x_ptr, r_ptr, w_ptr, y_ptr, s_ptr, D, stride_x, stride_r, stride_y, stride_s, eps,
+                         BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    mask = offs < D
+    x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0)
+    r = tl.load(r_ptr + row * stride_r + offs, mask=mask, other=0.0)
+    h = (x.to(tl.float32) + r.to(tl.float32)).to(s_ptr.dtype.element_ty)      # the residual stream, rounded
+    tl.store(s_ptr + row * stride_s + offs, h, mask=mask)
+    hf = h.to(tl.float32)
+    w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    y = hf * tl.rsqrt(tl.sum(hf * hf, 0) / D + eps) * w
+    tl.store(y_ptr + row * stride_y + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """x, residual: (T, D) of one dtype, contiguous last dims; weight: (D,) -> (rms_norm(x + residual), x +
+    residual): the sum rounded to the dtype once, as the unfused `x + residual` is, and normalised from that."""
+    check_device(x=x, residual=residual, weight=weight)
+    if x.shape != residual.shape or x.dtype != residual.dtype or x.dim() != 2:
+        raise ValueError(f"x and residual must be (T, D) of one dtype, got {tuple(x.shape)} {x.dtype} and "
+                         f"{tuple(residual.shape)} {residual.dtype}")
+    x, residual = (t if t.stride(-1) == 1 else t.contiguous() for t in (x, residual))
+    T, D = x.shape
+    y, s = torch.empty_like(x), torch.empty_like(x)
+    if T:
+        block = triton.next_power_of_2(D)
+        _add_rms_norm_kernel[(T,)](x, residual, weight, y, s, D, x.stride(0), residual.stride(0), y.stride(0),
+                                   s.stride(0), eps, BLOCK=block, num_warps=max(1, min(8, block // 256)))
+    return y, s
+
+
+def add_rms_norm_torch(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                       eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    h = x + residual
+    return rms_norm_torch(h, weight, eps), h
 
 
 @triton.jit

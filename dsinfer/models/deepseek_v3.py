@@ -29,10 +29,16 @@ class Block(nn.Module):
         self.ffn = (MoE(args, parallel) if args.is_moe_layer(layer_id)
                     else MLP(args.dim, args.inter_dim, block, parallel))
 
-    def forward(self, x: torch.Tensor, cos_sin: torch.Tensor, kv_cache: torch.Tensor,
-                attn: AttentionMetadata) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), cos_sin, kv_cache, attn)
-        return x + self.ffn(self.ffn_norm(x))
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, cos_sin: torch.Tensor, kv_cache: torch.Tensor,
+                attn: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+        """h = residual + x (the previous layer's output; the embedding itself at layer 0, residual None);
+        h = h + attn(attn_norm(h)); returns (ffn(ffn_norm(h)), h): the last add is the next norm's (fused)."""
+        if residual is None:
+            y, residual = self.attn_norm(x), x
+        else:
+            y, residual = self.attn_norm(x, residual)
+        y, residual = self.ffn_norm(self.attn(y, cos_sin, kv_cache, attn), residual)
+        return self.ffn(y), residual
 
 
 class Transformer(nn.Module):
@@ -55,9 +61,10 @@ class Transformer(nn.Module):
         """input_ids: (T,) -> final hidden states (T, D), normalised; kv_caches: one tensor per layer."""
         h = self.embed(input_ids)
         cos_sin = self.rope_table[attn.positions]
+        residual = None
         for layer, kv_cache in zip(self.layers, kv_caches):
-            h = layer(h, cos_sin, kv_cache, attn)
-        return self.norm(h)
+            h, residual = layer(h, residual, cos_sin, kv_cache, attn)
+        return self.norm(h, residual)[0]
 
     def compute_logits(self, h: torch.Tensor) -> torch.Tensor:
         """(N, D) -> (N, vocab) float32."""

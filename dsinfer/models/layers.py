@@ -176,7 +176,15 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim, dtype=torch.float32), requires_grad=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """The norm of x; with `residual`, of h = x + residual (rounded once), returning (norm, h): the add
+        fused into the norm's launch on CUDA."""
+        if residual is not None:
+            if x.is_cuda and x.dim() == 2:
+                from ..kernels.norm_rope_triton import add_rms_norm
+                return add_rms_norm(x, residual, self.weight, self.eps)
+            h = x + residual
+            return self(h), h
         if x.is_cuda:                  # one fused launch instead of seven (the twin is the formula below)
             from ..kernels.norm_rope_triton import rms_norm
             return rms_norm(x, self.weight, self.eps)

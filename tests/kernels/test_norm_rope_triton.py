@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from dsinfer.kernels.norm_rope_triton import rms_norm, rms_norm_torch, rotary
+from dsinfer.kernels.norm_rope_triton import add_rms_norm, add_rms_norm_torch, rms_norm, rms_norm_torch, rotary
 from dsinfer.models.rope import apply_rotary
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -18,6 +18,22 @@ def test_rms_norm_equals_twin(shape, dtype):
     w = torch.rand(shape[-1], generator=g).to(DEVICE)
     tol = 1e-5 if dtype == torch.float32 else 1e-2
     torch.testing.assert_close(rms_norm(x, w, 1e-6), rms_norm_torch(x, w, 1e-6), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 64), (5, 72), (3, 2048), (0, 16)])
+def test_add_rms_norm_equals_twin(shape, dtype):
+    """The residual sum is the unfused add's (rounded once to the dtype: exactly equal); the norm is of it."""
+    g = torch.Generator().manual_seed(1)
+    x, r = ((torch.randn(shape, generator=g) * 3).to(DEVICE, dtype) for _ in range(2))
+    w = torch.rand(shape[-1], generator=g).to(DEVICE)
+    y, h = add_rms_norm(x, r, w, 1e-6)
+    want_y, want_h = add_rms_norm_torch(x, r, w, 1e-6)
+    assert torch.equal(h, want_h) and h.dtype == dtype
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(y, want_y, atol=tol, rtol=tol)
+    with pytest.raises(ValueError, match="one dtype"):
+        add_rms_norm(x, r.float() if dtype != torch.float32 else r.half(), w, 1e-6)
 
 
 def test_rms_norm_of_a_strided_view():
