@@ -3,7 +3,7 @@ the interleaved rotary embedding.
 
 In PyTorch each is six to eight elementwise launches (casts, square, mean, rsqrt, products); at decode batch
 sizes launches, not bytes, are their cost, so each becomes one launch here. Twins: `RMSNorm.forward`'s float32
-formula (`rms_norm_torch`, `add_rms_norm_torch`) and `models.rope.apply_rotary`.
+formula (`norm_rope.rms_norm_torch`, `add_rms_norm_torch`) and `norm_rope.rotate_pairs_torch`.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .norm_rope import rms_norm_torch
 from .triton_common import check_device
 
 
@@ -39,11 +40,6 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         _rms_norm_kernel[(x2.shape[0],)](x2, weight, y, D, x2.stride(0), y.stride(0), eps, BLOCK=block,
                                          num_warps=max(1, min(8, block // 256)))
     return y.view(x.shape)
-
-
-def rms_norm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    xf = x.float()
-    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight).to(x.dtype)
 
 
 @triton.jit

@@ -14,17 +14,10 @@ from __future__ import annotations
 
 import torch
 
+from .norm_rope import rms_norm_torch, rotate_pairs_torch
 from .triton_common import check_device, check_tensor
 
 OUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def _rotate_pairs(x: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
-    """models.rope.apply_rotary for x (n, rd): interleaved pairs rotated in float32, rounded to x's dtype."""
-    xf = x.float().reshape(x.shape[0], -1, 2)                                  # (n, rd/2, 2)
-    cos, sin = cos_sin[..., 0], cos_sin[..., 1]
-    x0, x1 = xf[..., 0], xf[..., 1]
-    return torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1).reshape(x.shape).to(x.dtype)
 
 
 def compress_pool_torch(kv: torch.Tensor, score: torch.Tensor, norm_weight: torch.Tensor, cos_sin: torch.Tensor,
@@ -32,10 +25,9 @@ def compress_pool_torch(kv: torch.Tensor, score: torch.Tensor, norm_weight: torc
     """kv, score: (n, slots, d) float32 (score may be -inf, never a whole column); norm_weight: (d,) float32;
     cos_sin: (n, rd/2, 2) float32, the rope table at each entry's position. Returns (n, d) out_dtype."""
     pooled = (kv * score.softmax(dim=1)).sum(dim=1)                            # (n, d) float32
-    xf = pooled.to(out_dtype).float()                                          # RMSNorm's float32 formula
-    entries = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * norm_weight).to(out_dtype)
+    entries = rms_norm_torch(pooled.to(out_dtype), norm_weight, eps)
     rd = 2 * cos_sin.shape[1]
-    return torch.cat([entries[:, :-rd], _rotate_pairs(entries[:, -rd:], cos_sin)], dim=-1)
+    return torch.cat([entries[:, :-rd], rotate_pairs_torch(entries[:, -rd:], cos_sin)], dim=-1)
 
 
 def compress_pool(kv: torch.Tensor, score: torch.Tensor, norm_weight: torch.Tensor, cos_sin: torch.Tensor,

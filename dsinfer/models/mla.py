@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..kernels import mla_attention_torch, mla_naive_attention_torch
-from ..kernels.cache_write import store_latent, store_latent_torch
+from ..kernels.cache_write import norm_rope_store, store_latent_torch
 from ..kernels.mla_triton import mla_attention as mla_attention_triton
 from ..parallel import ParallelState
 from .args import ModelArgs
@@ -68,10 +68,13 @@ class MLA(nn.Module):
         q_pe = rotate(q_pe, cos_sin)
 
         kv = self.wkv_a(x)                                                    # (T, kv_lora + rope)
-        c, k_pe = kv.split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
-        c = self.kv_norm(c)
-        k_pe = rotate(k_pe.unsqueeze(1), cos_sin).squeeze(1)
-        (store_latent if triton_backend else store_latent_torch)(kv_cache, attn.slot_mapping, c, k_pe)
+        if triton_backend:             # kv_norm, the key's rotation and the cache write in one launch
+            norm_rope_store(kv_cache, attn.slot_mapping, kv, self.kv_norm.weight, self.kv_norm.eps, cos_sin)
+        else:
+            c, k_pe = kv.split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
+            c = self.kv_norm(c)
+            k_pe = rotate(k_pe.unsqueeze(1), cos_sin).squeeze(1)
+            store_latent_torch(kv_cache, attn.slot_mapping, c, k_pe)
 
         wkv_b = self.wkv_b.dense(x.dtype).view(self.n_heads, -1, self.kv_lora_rank)   # (H, nope + v, R)
         if self.attn_impl == "absorb":
