@@ -78,6 +78,18 @@ def test_concurrent_requests_match_the_plain_model(model_args, prompts, oracle, 
     assert_all_released(eng)
 
 
+def test_triton_kernels_in_the_engine_match_the_plain_model(model_args, prompts, oracle):
+    """V4's attention-side kernels (interpreter on CPU) on the engine's slot-and-page state, batched: prompts of
+    3, 15, 24 and 70 tokens (windows fill, entries complete, the indexer chooses) in chunks of up to 24."""
+    pytest.importorskip("triton")
+    eng = engine(model_args, page_size=8, max_num_batched_tokens=24, attn_backend="triton")
+    assert eng.model.layers[1].attn.attn_backend == "triton"
+    ids = [eng.add_request(p, SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True))
+           for p in prompts[1::2]]
+    assert drain(eng, ids) == oracle[1::2]
+    assert_all_released(eng)
+
+
 def test_preemption_and_slot_reuse_keep_tokens(model_args, prompts, oracle):
     """Few pages (the longest request alone nearly fills them) and three slots for eight requests."""
     _, args = model_args
