@@ -54,6 +54,10 @@ CONFIGS = {
                                rope_parameters=dict(_YARN, mscale=1.0, mscale_all_dim=1.0), rope_interleave=True,
                                num_nextn_predict_layers=1)),
 }
+# Every split dim a multiple of 2 x 128, so FP8 scale blocks split whole at tp=2 (but not at tp=4).
+CONFIGS["v3-wide"] = ("deepseek_v3", dict(
+    CONFIGS["v3"][1], hidden_size=256, intermediate_size=256, moe_intermediate_size=256, q_lora_rank=128,
+    kv_lora_rank=128, qk_nope_head_dim=64, qk_rope_head_dim=64, v_head_dim=64))
 
 
 def build_hf_model(name: str, seed: int = 0):
@@ -98,6 +102,13 @@ def write_checkpoint(name: str, path: Path, seed: int = 0) -> Path:
     model.save_pretrained(path)
     write_tokenizer(path)
     return path
+
+
+def write_fp8_wide(path: Path) -> Path:
+    """The "v3-wide" checkpoint cast to FP8 (128x128 blocks) under `path`/fp8 (the bf16 source in `path`/src)."""
+    from dsinfer.checkpoint.cast import cast_checkpoint
+    src = write_checkpoint("v3-wide", path / "src")
+    return cast_checkpoint(src, path / "fp8", "fp8", progress=False)
 
 
 # --- DeepSeek-V4 ------------------------------------------------------------------------------------------------

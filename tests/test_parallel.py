@@ -17,7 +17,7 @@ import torch
 
 from dsinfer import LLM, EngineConfig, SamplingParams
 from dsinfer.assets import default_model_path
-from dsinfer.checkpoint import cast_checkpoint, convert_checkpoint
+from dsinfer.checkpoint import convert_checkpoint
 from dsinfer.parallel import ParallelState
 
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
@@ -28,17 +28,6 @@ MAX_LEN = 128
 def score_ids(vocab: int, n: int = 40) -> list[int]:
     g = torch.Generator().manual_seed(3)
     return [0] + torch.randint(7, vocab, (n - 1,), generator=g).tolist()
-
-
-def fp8_wide(tmp_path):
-    """An FP8 V3-like checkpoint whose split dims are multiples of 2 x 128 (whole scale blocks at tp=2)."""
-    fixtures.CONFIGS.setdefault("v3-wide", ("deepseek_v3", dict(
-        fixtures.CONFIGS["v3"][1], hidden_size=256, intermediate_size=256, moe_intermediate_size=256,
-        q_lora_rank=128, kv_lora_rank=128, qk_nope_head_dim=64, qk_rope_head_dim=64, v_head_dim=64)))
-    src = tmp_path / "wide"
-    fixtures.build_hf_model("v3-wide").save_pretrained(src)
-    fixtures.write_tokenizer(src)
-    return cast_checkpoint(src, tmp_path / "wide-fp8", "fp8", progress=False)
 
 
 MODELS = ["bundled", "v2-lite", "v3", "v3-converted", "v3-wide-fp8"]
@@ -54,7 +43,7 @@ def pair(request, checkpoint, tmp_path_factory):
     elif name == "v3-converted":
         path = convert_checkpoint(checkpoint("v3"), tmp / "tp2", 2, progress=False)
     elif name == "v3-wide-fp8":
-        path = fp8_wide(tmp)             # FP8 weights, float32 activations
+        path = fixtures.write_fp8_wide(tmp)     # FP8 weights, float32 activations
     else:
         path = checkpoint(name)
     results = []

@@ -331,14 +331,21 @@ def _place(model: nn.Module, params: dict, t: Target, tensor: torch.Tensor, devi
     if t.expert is None:
         setattr(owner, attr, nn.Parameter(tensor, requires_grad=False))
         return
-    stacked = getattr(owner, attr)
-    if stacked is None or stacked.is_meta:
-        stacked = nn.Parameter(torch.empty(owner.n_local, *tensor.shape, dtype=want, device=device),
-                               requires_grad=False)
-        setattr(owner, attr, stacked)
-    elif stacked.dtype != want:
-        raise ValueError(f"experts of {owner_name}.{attr} mix dtypes {stacked.dtype} and {want}")
-    stacked.data[t.expert - owner.first].copy_(tensor)
+    put_expert(owner, attr, t.expert - owner.first, owner.n_local, tensor, t.name)
+
+
+def put_expert(owner: nn.Module, attr: str, index: int, n: int, tensor: torch.Tensor, name: str) -> None:
+    """Copy one expert's tensor into row `index` of the stack owner.attr, first made (n, *tensor.shape) in the
+    tensor's dtype; a later expert of another dtype or shape is refused."""
+    stack = getattr(owner, attr)
+    if stack is None or stack.is_meta:
+        stack = nn.Parameter(torch.empty(n, *tensor.shape, dtype=tensor.dtype, device=tensor.device),
+                             requires_grad=False)
+        setattr(owner, attr, stack)
+    elif stack.dtype != tensor.dtype or tuple(stack.shape[1:]) != tuple(tensor.shape):
+        raise ValueError(f"experts of {name} mix formats ({stack.dtype} {tuple(stack.shape[1:])} and "
+                         f"{tensor.dtype} {tuple(tensor.shape)})")
+    stack.data[index].copy_(tensor)
 
 
 def read_config(path: str | Path) -> tuple[Path, dict]:

@@ -24,7 +24,7 @@ from ..models.args_v4 import ModelArgsV4
 from ..models.deepseek_v4 import Transformer
 from ..models.layers import Linear
 from ..models.v4_moe import Experts
-from .loader import TensorInfo, _default_dtype, checkpoint_tensors, read_config, refuse_unknown
+from .loader import TensorInfo, _default_dtype, checkpoint_tensors, put_expert, read_config, refuse_unknown
 from .names_v4 import TargetV4, checkpoint_format, native_to_reference, to_native
 
 _FLOAT = {"F32", "BF16", "F16", "F64"}
@@ -182,15 +182,7 @@ def _place(model: nn.Module, params: dict, slots: dict, packed: set, t: TargetV4
     if t.expert is None:
         setattr(owner, attr, nn.Parameter(tensor.contiguous(), requires_grad=False))
         return
-    stack = getattr(owner, attr)
-    if stack is None or stack.is_meta:
-        stack = nn.Parameter(torch.empty(owner.n_experts, *tensor.shape, dtype=want, device=device),
-                             requires_grad=False)
-        setattr(owner, attr, stack)
-    elif stack.dtype != want or tuple(stack.shape[1:]) != tuple(tensor.shape):
-        raise ValueError(f"experts of {t.name} mix formats ({stack.dtype} {tuple(stack.shape[1:])} and {want} "
-                         f"{tuple(tensor.shape)})")
-    stack.data[t.expert].copy_(tensor)
+    put_expert(owner, attr, t.expert, owner.n_experts, tensor, t.name)
 
 
 def load_model_v4(path: str | Path, dtype: torch.dtype, device: torch.device, simulate_qat: bool = True,

@@ -10,16 +10,11 @@ import torch
 from safetensors.torch import load_file
 
 from dsinfer import LLM
-from dsinfer.checkpoint import cast_checkpoint, convert_checkpoint
+from dsinfer.checkpoint import convert_checkpoint
 from dsinfer.checkpoint.convert import check_tp
 from dsinfer.cli import main
 from dsinfer.models import ModelArgs
 from dsinfer.models.published import V3
-
-# Every split dim a multiple of 2 x 128, so FP8 scale blocks split whole at tp=2 (but not at tp=4).
-fixtures.CONFIGS["v3-wide"] = ("deepseek_v3", dict(
-    fixtures.CONFIGS["v3"][1], hidden_size=256, intermediate_size=256, moe_intermediate_size=256,
-    q_lora_rank=128, kv_lora_rank=128, qk_nope_head_dim=64, qk_rope_head_dim=64, v_head_dim=64))
 
 
 def prompt(n, seed=0):
@@ -76,10 +71,7 @@ def test_rank_files_hold_reference_slices(checkpoint, tmp_path):
 
 
 def test_fp8_scales_split_with_their_weights(tmp_path):
-    src = tmp_path / "src"
-    fixtures.build_hf_model("v3-wide").save_pretrained(src)
-    fixtures.write_tokenizer(src)
-    fp8 = cast_checkpoint(src, tmp_path / "fp8", "fp8", progress=False)
+    fp8 = fixtures.write_fp8_wide(tmp_path)
     out = convert_checkpoint(fp8, tmp_path / "tp2", 2, progress=False)
     full = load_file(fp8 / "model.safetensors")
     r1 = load_file(out / "model1-mp2.safetensors")

@@ -57,13 +57,7 @@ def test_rank_parts_equal_convert_slices(name, checkpoint, tmp_path):
 
 
 def test_fp8_scales_split_on_block_boundaries(tmp_path):
-    fixtures.CONFIGS.setdefault("v3-wide", ("deepseek_v3", dict(
-        fixtures.CONFIGS["v3"][1], hidden_size=256, intermediate_size=256, moe_intermediate_size=256,
-        q_lora_rank=128, kv_lora_rank=128, qk_nope_head_dim=64, qk_rope_head_dim=64, v_head_dim=64)))
-    src = tmp_path / "src"
-    fixtures.build_hf_model("v3-wide").save_pretrained(src)
-    fixtures.write_tokenizer(src)
-    fp8 = cast_checkpoint(src, tmp_path / "fp8", "fp8", progress=False)
+    fp8 = fixtures.write_fp8_wide(tmp_path)
     out = convert_checkpoint(fp8, tmp_path / "tp2", TP, progress=False)
     for rank in range(TP):
         model = rank_model(fp8, rank, torch.bfloat16)
