@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..kernels import weight_dequant_torch
+from ..kernels.norm_rope import rms_norm_torch
 from ..kernels.triton_common import interpreting
 from ..parallel import ParallelState
 
@@ -185,12 +186,10 @@ class RMSNorm(nn.Module):
                 return add_rms_norm(x, residual, self.weight, self.eps)
             h = x + residual
             return self(h), h
-        if x.is_cuda:                  # one fused launch instead of seven (the twin is the formula below)
+        if x.is_cuda:                  # one fused launch instead of seven (its twin below)
             from ..kernels.norm_rope_triton import rms_norm
             return rms_norm(x, self.weight, self.eps)
-        xf = x.float()
-        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
-        return y.to(x.dtype)
+        return rms_norm_torch(x, self.weight, self.eps)
 
 
 class Embedding(nn.Module):

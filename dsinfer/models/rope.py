@@ -6,6 +6,7 @@ import math
 
 import torch
 
+from ..kernels.norm_rope import rotate_pairs_torch
 from .args import RopeArgs, yarn_mscale
 
 
@@ -46,14 +47,9 @@ def rope_cos_sin(rope: RopeArgs, dim: int, max_positions: int, device=None) -> t
 
 
 def apply_rotary(x: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs (x[2i], x[2i+1]) by the angle of pair i.
+    """Rotate interleaved pairs (x[2i], x[2i+1]) by the angle of pair i, in float32, rounded to x's dtype.
 
-    x: (T, ..., d) any float dtype; cos_sin: (T, d/2, 2) float32 gathered at each token's position.
+    x: (T, ..., d) any float dtype; cos_sin: (T, d/2, 2) float32 gathered at each token's position. (The rotary
+    kernels' twin: one formula for both.)
     """
-    shape = x.shape
-    xf = x.float().reshape(shape[0], -1, shape[-1] // 2, 2)         # (T, H, d/2, 2)
-    cs = cos_sin.unsqueeze(1)                                        # (T, 1, d/2, 2)
-    cos, sin = cs[..., 0], cs[..., 1]
-    x0, x1 = xf[..., 0], xf[..., 1]
-    out = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1)
-    return out.reshape(shape).to(x.dtype)
+    return rotate_pairs_torch(x, cos_sin)

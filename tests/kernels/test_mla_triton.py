@@ -4,7 +4,7 @@ on CPU), over paged caches with random page placement."""
 import pytest
 import torch
 
-from dsinfer.kernels.cache_write import norm_rope_store, norm_rope_store_torch, store_latent_torch
+from dsinfer.kernels.cache_write import norm_rope_store, norm_rope_store_torch
 from dsinfer.kernels.mla_attention import mla_attention_torch
 from dsinfer.kernels.mla_triton import mla_attention
 
@@ -112,29 +112,28 @@ def test_attention_rejects_bad_inputs():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("R, P", [(32, 16), (48, 8), (512, 64)])
-def test_norm_rope_store_equals_twin_and_the_unfused_steps(R, P, dtype):
-    """kv_norm, the key rotation and the cache write in one launch: the twin equals the model's unfused steps
-    (RMSNorm module, apply_rotary, store_latent_torch); the kernel equals the twin; other rows stay untouched."""
-    from dsinfer.models.layers import RMSNorm
-    from dsinfer.models.rope import apply_rotary
+def test_norm_rope_store_equals_twin_and_a_float64_reference(R, P, dtype):
+    """kv_norm, the key rotation and the cache write in one launch: the twin against a float64 reference (RMS
+    formula, rotation as complex multiplication), the kernel against the twin; other rows stay untouched."""
     g = torch.Generator().manual_seed(R + P)
     T = 5
     kv = (torch.randn(T, R + P, generator=g) * 2).to(dtype)
-    norm = RMSNorm(R, 1e-6)
-    norm.weight.data = torch.rand(R, generator=g) + 0.5
+    weight = torch.rand(R, generator=g) + 0.5
     angles = torch.rand(T, P // 2, generator=g) * 6
     cos_sin = torch.stack([angles.cos(), angles.sin()], dim=-1)
     slots = torch.tensor([0, 7, 19, 3, 12])
-    want = torch.full((5, 4, R + P), 7.0, dtype=dtype)
-    store_latent_torch(want, slots, norm(kv[:, :R]), apply_rotary(kv[:, R:].unsqueeze(1), cos_sin).squeeze(1))
+    c = kv[:, :R].double()
+    c = c / (c.square().mean(-1, keepdim=True) + 1e-6).sqrt() * weight.double()
+    k = torch.view_as_complex(kv[:, R:].double().reshape(T, -1, 2).contiguous())
+    k = torch.view_as_real(k * torch.polar(torch.ones_like(angles.double()), angles.double())).flatten(1)
+    ref = torch.cat([c, k], dim=-1)
     twin = torch.full((5, 4, R + P), 7.0, dtype=dtype)
-    norm_rope_store_torch(twin, slots, kv, norm.weight, 1e-6, cos_sin)
-    assert torch.equal(twin, want)
-    got = torch.full((5, 4, R + P), 7.0, dtype=dtype, device=DEVICE)
-    norm_rope_store(got, slots.to(DEVICE), kv.to(DEVICE), norm.weight.to(DEVICE), 1e-6, cos_sin.to(DEVICE))
+    norm_rope_store_torch(twin, slots, kv, weight, 1e-6, cos_sin)
     tol = 1e-5 if dtype == torch.float32 else 2e-3
-    torch.testing.assert_close(got.cpu().float(), want.float(), atol=tol, rtol=tol)
+    torch.testing.assert_close(twin.view(-1, R + P)[slots].double(), ref, atol=tol, rtol=tol)
+    got = torch.full((5, 4, R + P), 7.0, dtype=dtype, device=DEVICE)
+    norm_rope_store(got, slots.to(DEVICE), kv.to(DEVICE), weight.to(DEVICE), 1e-6, cos_sin.to(DEVICE))
+    torch.testing.assert_close(got.cpu().float(), twin.float(), atol=tol, rtol=tol)
     assert (got.view(-1, R + P)[[1, 2, 4]] == 7).all()                      # rows of no slot: untouched
     with pytest.raises(ValueError, match="cannot normalise"):
-        norm_rope_store(got, slots.to(DEVICE), kv.to(DEVICE)[:, 1:], norm.weight.to(DEVICE), 1e-6,
-                        cos_sin.to(DEVICE))
+        norm_rope_store(got, slots.to(DEVICE), kv.to(DEVICE)[:, 1:], weight.to(DEVICE), 1e-6, cos_sin.to(DEVICE))
