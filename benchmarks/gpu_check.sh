@@ -10,6 +10,7 @@ OUT=${OUT:-./gpu_logs}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}   # the benchmarks import dsinfer from this checkout
 
 stage_tests() {   # the kernels and paths that only run compiled on a GPU (xdist spreads Triton's compiles)
     local par=""
@@ -23,7 +24,7 @@ stage_tests() {   # the kernels and paths that only run compiled on a GPU (xdist
 
 stage_profile() {  # where a V3 decode step's GPU time goes, batch 1 and 32
     for b in 1 32; do
-        timeout 240 $PY benchmarks/profile_decode.py --config v3 --layers 4 --batch $b --top 30 \
+        timeout 240 $PY benchmarks/profile_decode.py --config v3 --layers 4 --batch $b --top 30 --graphs \
             >"$OUT/profile_v3_b$b.txt" 2>&1
         head -40 "$OUT/profile_v3_b$b.txt"
     done

@@ -7,6 +7,7 @@ the PyTorch profiler, and the kernels ranked by total time (with launches per st
 from __future__ import annotations
 
 import argparse
+import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -25,18 +26,24 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--top", type=int, default=25)
+    p.add_argument("--graphs", action="store_true", help="replay CUDA graphs as the engine does by default "
+                   "(kernel names inside graphs are still listed)")
     a = p.parse_args()
     cfg = bench_config(a.config, a.layers)
     args = ModelArgs.from_hf_config(cfg)
-    config = EngineConfig(max_model_len=512, max_num_seqs=a.batch, enable_prefix_caching=False, enforce_eager=True,
-                          progress=False)
+    config = EngineConfig(max_model_len=512, max_num_seqs=a.batch, enable_prefix_caching=False,
+                          enforce_eager=not a.graphs, progress=False)
     engine = Engine.from_model(random_model(args, config.torch_dtype, config.torch_device), args, config)
-    params = SamplingParams(temperature=0, ignore_eos=True, max_tokens=a.steps + 8)
+    params = SamplingParams(temperature=0, ignore_eos=True, max_tokens=2 * a.steps + 8)
     for _ in range(a.batch):
         engine.add_request(list(range(1, 65)), params)
     for _ in range(4):
         engine.step()                                     # prefill and warm decode steps
     torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(a.steps):
+        engine.step()
+    wall_ms = (time.perf_counter() - start) / a.steps * 1e3
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(a.steps):
             engine.step()
@@ -44,8 +51,9 @@ def main() -> None:
     events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
     total = sum(e.device_time_total for e in events)
     launches = sum(e.count for e in events)
-    print(f"{a.config} batch {a.batch}: {total / a.steps / 1e3:.2f} ms of kernels per step, "
-          f"{launches / a.steps:.0f} launches per step")
+    print(f"{a.config} batch {a.batch} ({'graphs' if a.graphs else 'eager'}): {wall_ms:.2f} ms per step "
+          f"(wall, unprofiled), {total / a.steps / 1e3:.2f} ms of kernels per step, {launches / a.steps:.0f} "
+          "launches per step")
     for e in sorted(events, key=lambda e: -e.device_time_total)[:a.top]:
         print(f"{e.device_time_total / a.steps:9.1f} us {e.count / a.steps:6.0f}x  {e.key[:100]}")
 

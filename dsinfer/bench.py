@@ -52,7 +52,9 @@ def bench_config(name_or_path: str, layers: int | None = None) -> dict:
             raise ValueError(f"--layers must be in [1, {cfg['num_hidden_layers']}], got {layers}")
         cfg["num_hidden_layers"] = layers
         if cfg.get("model_type") != "deepseek_v4":       # V4: every layer is MoE; its schedules are per layer
-            cfg["first_k_dense_replace"] = min(cfg.get("first_k_dense_replace", 0), max(layers - 1, 0) or layers)
+            # a slice keeps one dense layer (if the model has any) and makes the rest MoE: V3 cut to 4 layers is
+            # 1 dense + 3 MoE, the slice spec/anchors.md measures the reference on
+            cfg["first_k_dense_replace"] = min(cfg.get("first_k_dense_replace", 0), 1)
     return cfg
 
 

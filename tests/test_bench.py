@@ -44,6 +44,17 @@ def test_weight_bytes_count_touched_experts(tmp_path):
             other + expert_bytes * touched + embed_row * batch, abs=64)   # whole bytes per tensor
 
 
+def test_layer_cut_keeps_one_dense_layer():
+    """--layers N: one dense layer (V3 has three) and N - 1 MoE layers, the slice spec/anchors.md measures;
+    V2-Lite's single dense layer stays; the whole model keeps its own count."""
+    assert bench_config("v3")["first_k_dense_replace"] == 3
+    cut = bench_config("v3", 4)
+    assert (cut["num_hidden_layers"], cut["first_k_dense_replace"]) == (4, 1)
+    assert bench_config("v2-lite", 2)["first_k_dense_replace"] == 1
+    args = ModelArgs.from_hf_config(bench_config("v3", 4))
+    assert [args.is_moe_layer(i) for i in range(4)] == [False, True, True, True]
+
+
 def test_bench_cli_runs_on_cpu(tmp_path, capsys):
     tiny_fp8_config(tmp_path)
     assert main(["bench", "--config", str(tmp_path), "--batch", "1", "3", "--decode-steps", "2",
@@ -69,7 +80,7 @@ def test_named_configs_parse():
     for name, layers in (("v2-lite", None), ("v3", 4)):
         args = ModelArgs.from_hf_config(bench_config(name, layers))
         assert args.n_layers == (layers or 27)
-    assert ModelArgs.from_hf_config(bench_config("v3", 4)).n_dense_layers == 3
+    assert ModelArgs.from_hf_config(bench_config("v3", 4)).n_dense_layers == 1
 
 
 # --- DeepSeek-V4 --------------------------------------------------------------------------------------------------

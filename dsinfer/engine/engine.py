@@ -153,6 +153,7 @@ class Engine:
             per_page, reserved = cache_bytes_per_page(self.args, c.page_size, self.dtype), 0
         wanted = c.max_num_seqs * -(-self.max_model_len // c.page_size)
         if self.device.type == "cuda":
+            torch.cuda.empty_cache()     # blocks cached by the allocator (building the weights) count as free
             free, total = torch.cuda.mem_get_info(self.device)
             budget = free - (1 - c.gpu_memory_utilization) * total
         else:

@@ -20,7 +20,7 @@ SCALE_BLOCK = 128
 def _configs() -> list[triton.Config]:
     """Small-M tiles stream the weight through many CTAs (decode); large-M tiles feed the tensor cores (prefill)."""
     small = [triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=128, GROUP_M=8), num_warps=4, num_stages=st)
-             for bm in (16, 32, 64) for bn in (16, 32, 64, 128) for st in (4, 6)]
+             for bm in (32, 64) for bn in (16, 32, 64, 128) for st in (4, 6)]
     large = [triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=128, GROUP_M=8), num_warps=w, num_stages=st)
              for bm, bn, w, st in ((128, 128, 8, 4), (128, 256, 8, 3), (128, 128, 4, 4), (64, 128, 4, 4),
                                    (64, 256, 8, 4), (128, 64, 4, 4))]
@@ -28,7 +28,7 @@ def _configs() -> list[triton.Config]:
 
 
 def _prune(configs, named_args, **kwargs):
-    """Small tiles whose BLOCK_M fits the bucket for M <= 64; the large list above that."""
+    """Small tiles whose BLOCK_M fits the bucket for M <= 64 (M <= 16 never autotunes); the large list above."""
     bucket = named_args["M_BUCKET"]
     if bucket <= 64:
         return [c for c in configs if c.kwargs["BLOCK_M"] == bucket] or configs[:1]
@@ -123,8 +123,9 @@ def fp8_gemm(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.Ten
     b_s: (ceil(N/128), ceil(K/128)) float32 -> (M, N) bfloat16 = (a * a_s) @ (b * b_s)^T, float32 accumulation.
 
     From M = 64 on an H100 with 128-multiple N and K this is cuBLAS's block-scaled GEMM (faster there; Triton's
-    per-block rescaling keeps its FP8 tensor cores half idle); otherwise the Triton kernel, autotuned per
-    (N, K, M bucket) with the tuning cached on disk under TRITON_CACHE_DIR (~/.triton/cache)."""
+    per-block rescaling keeps its FP8 tensor cores half idle); otherwise the Triton kernel: for M <= 16 launched
+    as `small_m_config` says, above that autotuned per (N, K, M bucket) with the tuning cached on disk under
+    TRITON_CACHE_DIR (~/.triton/cache)."""
     check_tensor("a", a, (torch.float8_e4m3fn,), dim=2)
     check_tensor("a_s", a_s, (torch.float32,), dim=2)
     check_tensor("b", b, (torch.float8_e4m3fn,), dim=2)
@@ -146,29 +147,45 @@ def fp8_gemm(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.Ten
         return c
     if k == 0:
         return c.zero_()
-    split = split_k(m, n, k)
-    out = c if split == 1 else torch.empty(split, m, n, dtype=torch.float32, device=a.device)
-    args = (a, a_s, b, b_s, out, m, n, k, m_bucket(m), a.stride(0), b.stride(0), n, a_s.stride(0), b_s.stride(0))
     even_k = k % 128 == 0
+    if m <= SMALL_M:
+        block_n, split, warps, stages = small_m_config(m, n, k)
+        out = c if split == 1 else torch.empty(split, m, n, dtype=torch.float32, device=a.device)
+        grid = (triton.cdiv(n, block_n), split)
+        _fp8_gemm_kernel[grid](a, a_s, b, b_s, out, m, n, k, m_bucket(m), a.stride(0), b.stride(0), n,
+                               a_s.stride(0), b_s.stride(0), BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=128, GROUP_M=1,
+                               EVEN_K=even_k, SPLIT_K=split, num_warps=warps, num_stages=stages)
+        if split > 1:
+            torch.sum(out, dim=0, out=c)    # partials in split order: the result depends on the shapes only
+        return c
+    args = (a, a_s, b, b_s, c, m, n, k, m_bucket(m), a.stride(0), b.stride(0), n, a_s.stride(0), b_s.stride(0))
     if interpreting():
         cfg = _INTERPRET_CONFIG
-        grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]), split)
-        _fp8_gemm_kernel[grid](*args, EVEN_K=even_k, SPLIT_K=split, **cfg)
+        grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]), 1)
+        _fp8_gemm_kernel[grid](*args, EVEN_K=even_k, SPLIT_K=1, **cfg)
     else:
-        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), split)  # noqa: E731
-        _fp8_gemm_tuned[grid](*args, EVEN_K=even_k, SPLIT_K=split)
-    if split > 1:
-        torch.sum(out, dim=0, out=c)        # partials in split order: the result depends on the shapes only
+        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), 1)  # noqa: E731
+        _fp8_gemm_tuned[grid](*args, EVEN_K=even_k, SPLIT_K=1)
     return c
 
 
-def split_k(m: int, n: int, k: int) -> int:
-    """How many runs of K blocks the GEMM is cut into. Decode-sized M with a narrow N (wkv_a's 576 columns, a
-    tensor-parallel slice) gives too few column tiles to keep the GPU's ~132 SMs streaming, each walking all of
-    K; splitting K multiplies the programs (aim: ~264 at 32-wide tiles) while every run keeps >= 4 blocks of 128."""
-    if m > 16:
-        return 1
-    return max(1, min(264 // triton.cdiv(n, 32), triton.cdiv(k, SCALE_BLOCK) // 4, 8))
+SMALL_M = 16    # up to here (decode) the launch comes from small_m_config, not the autotuner
 
 
-__all__ = ["fp8_gemm", "split_k"]
+def small_m_config(m: int, n: int, k: int) -> tuple[int, int, int, int]:
+    """(BLOCK_N, SPLIT_K, num_warps, num_stages) for M <= 16, where the GEMM reads the weight once and the launch
+    decides how fast: a rule fitted to `benchmarks/sweep_small_m.py` on an H100 (every DeepSeek-V3 linear, whole
+    and at TP 8; within ~5% of the best configuration on each, where the autotuner's microsecond timings were
+    up to 25% off). 64-wide column tiles for a few rows, 32-wide for more. K is split into runs (float32
+    partials, summed in split order) when the column tiles alone give fewer than ~264 programs (two per SM) and K
+    is long (> 24 blocks of 128: shorter walks gain less than the extra sum costs), up to 8 runs of >= 4 blocks."""
+    block_n = 64 if m <= 8 else 32
+    k_blocks = triton.cdiv(k, SCALE_BLOCK)
+    split = 1
+    if k_blocks > 24:
+        want = triton.cdiv(264, triton.cdiv(n, block_n))
+        split = max(1, min(triton.next_power_of_2(want), 8, k_blocks // 4))
+    return block_n, split, 4, 4
+
+
+__all__ = ["fp8_gemm", "small_m_config"]

@@ -9,13 +9,13 @@ decode step can be captured in a CUDA graph. Then:
 and y[token] = sum over its k slots. Tiles past an expert's last slot and tiles of padding experts (-1) exit at
 once. With expert parallelism a rank holds experts [first, first + n_local); slots routed elsewhere are dropped.
 
-Weights: the activation dtype, or FP8 e4m3 with 128x128 block scales, run either weight-only (bytes decoded to
-bf16 in registers, for small batches and GPUs without FP8) or block-scaled (activations quantized per token and
-128 channels, FP8 tensor cores; for large batches), or DeepSeek-V4's FP4 e2m1 (two codes per byte, element 2k in
-the low nibble, one E8M0 scale byte per row and 32 inputs) decoded to bf16 in registers ("fp4_weight_only": there
-are no FP4 tensor cores before Blackwell). A packed K step of BLOCK_K/2 bytes becomes two bf16 tiles, the low and
-the high nibbles, which multiply the even and the odd input columns of the activations: two dots of depth
-BLOCK_K/2 and no register shuffle to interleave the nibbles.
+Weights: the activation dtype, or FP8 e4m3 with 128x128 block scales, run either block-scaled (activations
+quantized per token and 128 channels, FP8 tensor cores) or weight-only (bytes decoded to bf16 in registers, for
+GPUs without FP8 tensor cores; half the speed of block-scaled on an H100 even at one token), or DeepSeek-V4's
+FP4 e2m1 (two codes per byte, element 2k in the low nibble, one E8M0 scale byte per row and 32 inputs) decoded
+to bf16 in registers ("fp4_weight_only": there are no FP4 tensor cores before Blackwell). A packed K step of
+BLOCK_K/2 bytes becomes two bf16 tiles, the low and the high nibbles, which multiply the even and the odd input
+columns of the activations: two dots of depth BLOCK_K/2 and no register shuffle to interleave the nibbles.
 
 V4's experts also clamp before the SwiGLU (gate = min(gate, L), up = clamp(up, -L, L); `swiglu_limit`) and apply
 the routing weight to h before the down projection (`route_on_h`). The latter is the same linear map; it differs
@@ -263,16 +263,20 @@ def _block_m(num_slots: int, n_local: int) -> int:
 
 
 def _launch_config(block_m: int, active_tiles: int, N: int, mode: str) -> tuple[int, int, int, int]:
-    """(BLOCK_N, BLOCK_K, num_warps, num_stages). Small batches read weights: narrow column tiles until about
-    two programs run per SM (H100: 132), so every SM streams. Large batches compute: 128-wide tiles."""
+    """(BLOCK_N, BLOCK_K, num_warps, num_stages). Small batches read weights: narrower column tiles until about
+    two programs run per SM (H100: 132), so every SM streams; but with FP8 weights at 16-row tiles not below 32
+    columns, where each K step's loads get too small to keep the memory system busy (fewer, wider programs
+    measured faster: benchmarks/sweep_small_m.py --moe). 16-wide tiles run on 2 warps. Large batches compute:
+    128-wide tiles."""
     if interpreting():
         return 32, {"plain": 32, "fp4_weight_only": 64}.get(mode, 128), 4, 1
     if block_m >= 64:
         return 128, 128 if mode != "plain" else 64, 4, 3
+    floor = 32 if block_m == 16 and mode in ("weight_only", "block_scaled") else 16
     block_n = 64
-    while block_n > 16 and active_tiles * triton.cdiv(N, block_n) < 264:
+    while block_n > floor and active_tiles * triton.cdiv(N, block_n) < 264:
         block_n //= 2
-    return block_n, 128, 4, 4
+    return block_n, 128, 2 if block_n == 16 else 4, 4
 
 
 def _gemm(a, a_s, w, w_s, w3, w3_s, out, sorted_slots, block_expert, route_w, top_k, mode, gated, block_m,

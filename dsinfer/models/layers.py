@@ -40,17 +40,17 @@ def resolve_fp8_impl(impl: str, device: torch.device, block_size: tuple[int, int
     return impl
 
 
-def fused_moe_mode(scaled: bool, fp8_impl: str, device: torch.device, block_size: tuple[int, int],
-                   tokens_per_expert: float) -> str:
+def fused_moe_mode(scaled: bool, fp8_impl: str, device: torch.device,
+                   block_size: tuple[int, int] = KERNEL_BLOCK) -> str:
     """The fused MoE kernel's mode for a stack of experts (or a dense MLP run as one): "plain" for unquantized
-    weights; for FP8, "block_scaled" where fp8_impl picks FP8 tensor cores, except that "auto" stays
-    "weight_only" while each expert sees at most 16 tokens (reading weights dominates; no activation quant)."""
+    weights; for FP8, "block_scaled" (activations quantized per token and 128 channels, FP8 tensor cores) where
+    fp8_impl resolves to fp8_gemm, else "weight_only". Block-scaled at every batch size: on an H100 it reads the
+    weights twice as fast as weight-only even at one token (weight-only decodes every byte with integer ops;
+    benchmarks/sweep_small_m.py --moe), and one mode for all batch sizes keeps a token's result independent of
+    how many tokens share its step."""
     if not scaled:
         return "plain"
-    impl = resolve_fp8_impl(fp8_impl, device, block_size)
-    if impl == "fp8_gemm" and (fp8_impl != "auto" or tokens_per_expert > 16):
-        return "block_scaled"
-    return "weight_only"
+    return "block_scaled" if resolve_fp8_impl(fp8_impl, device, block_size) == "fp8_gemm" else "weight_only"
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None,
@@ -215,14 +215,26 @@ class Embedding(nn.Module):
 class MLP(nn.Module):
     """SwiGLU: w2(silu(w1 x) * w3 x); the product is formed in float32. Dense layers and shared experts.
     Under tensor parallelism the width is split (w1, w3 by rows, w2 by columns); `reduce=False` leaves the
-    sum over the ranks to the caller."""
+    sum over the ranks to the caller. backend "triton" (moe.set_moe_backend) runs it as the fused MoE kernels'
+    two launches (gate and up with the SwiGLU, then down) instead of three GEMMs and the elementwise ops."""
 
     def __init__(self, dim: int, inter_dim: int, block_size: tuple[int, int] = (128, 128),
                  parallel: ParallelState | None = None, reduce: bool = True):
         super().__init__()
+        self.backend = "torch"
         self.w1 = ColumnParallelLinear(dim, inter_dim, parallel, block_size)            # gate_proj
         self.w2 = RowParallelLinear(inter_dim, dim, parallel, block_size, reduce)       # down_proj
         self.w3 = ColumnParallelLinear(dim, inter_dim, parallel, block_size)            # up_proj
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.backend == "triton":
+            y = self.fused(x).to(x.dtype)
+            return self.w2.parallel.all_reduce(y) if self.w2.reduce else y
         return self.w2((F.silu(self.w1(x).float()) * self.w3(x).float()).to(x.dtype))
+
+    def fused(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (T, D) -> this rank's (T, D) float32 output through the fused kernels, added into `out` if given."""
+        from ..kernels.fused_moe import fused_mlp
+        w1, w2, w3 = self.w1, self.w2, self.w3
+        mode = fused_moe_mode(w1.scale is not None, w1.fp8_impl, x.device, w1.block_size)
+        return fused_mlp(x, w1.weight, w2.weight, w3.weight, w1.scale, w2.scale, w3.scale, mode, out=out)

@@ -50,12 +50,12 @@ MOE_BACKENDS = ("torch", "triton")    # who runs the routed experts: a loop over
 
 def set_moe_backend(model: nn.Module, backend: str) -> None:
     """Run the routed experts of every MoE layer of `model` (DeepSeek V2/V3 or V4) with the per-expert loop or the
-    fused Triton kernel."""
+    fused Triton kernel, and the dense MLPs (dense layers, shared experts) as three GEMMs or the fused kernels."""
     if backend not in MOE_BACKENDS:
         raise ValueError(f"unknown MoE backend {backend!r}; choose one of {', '.join(MOE_BACKENDS)}")
     from .v4_moe import Experts as ExpertsV4
     for m in model.modules():
-        if isinstance(m, (Experts, ExpertsV4)):
+        if isinstance(m, (Experts, ExpertsV4, MLP)):
             m.backend = backend
 
 
@@ -83,8 +83,7 @@ class Experts(nn.Module):
             from ..kernels.fused_moe import fused_moe
             return fused_moe(x, weights, indices, self.w1, self.w2, self.w3, self.w1_scale, self.w2_scale,
                              self.w3_scale, self.first,
-                             fused_moe_mode(self.w1_scale is not None, self.fp8_impl, x.device, self.block_size,
-                                            indices.numel() / self.n_local))
+                             fused_moe_mode(self.w1_scale is not None, self.fp8_impl, x.device, self.block_size))
         return self._loop(x, weights, indices)
 
     def _loop(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
@@ -135,11 +134,8 @@ class MoE(nn.Module):
         """x: (T, D) -> (T, D). Routed outputs are weighted and summed in float32, then the shared MLP is added."""
         weights, indices = self.gate(x)                                       # (T, k), (T, k)
         y = self.experts(x, weights, indices)
-        if self.experts.backend == "triton":      # the shared MLP adds itself into y in its last kernel
-            from ..kernels.fused_moe import fused_mlp
-            s = self.shared_experts
-            mode = fused_moe_mode(s.w1.scale is not None, s.w1.fp8_impl, x.device, s.w1.block_size, x.shape[0])
-            y = fused_mlp(x, s.w1.weight, s.w2.weight, s.w3.weight, s.w1.scale, s.w2.scale, s.w3.scale, mode, out=y)
+        if self.shared_experts.backend == "triton":      # the shared MLP adds itself into y in its last kernel
+            y = self.shared_experts.fused(x, y)
         else:
             y = y + self.shared_experts(x).float()
         return self.parallel.all_reduce(y.to(x.dtype))

@@ -83,11 +83,11 @@ class Experts(nn.Module):
             return "fp4"
         return "fp8" if self.w1.dtype == torch.float8_e4m3fn else "dense"
 
-    def fused_mode(self, num_slots: int, device: torch.device) -> str:
-        """The fused kernel's mode for these stacks and `num_slots` routed slots."""
+    def fused_mode(self, device: torch.device) -> str:
+        """The fused kernel's mode for these stacks."""
         if self.fmt == "fp4":
             return "fp4_weight_only"
-        return fused_moe_mode(self.fmt == "fp8", self.fp8_impl, device, self.block_size, num_slots / self.n_experts)
+        return fused_moe_mode(self.fmt == "fp8", self.fp8_impl, device, self.block_size)
 
     def weight(self, name: str, e: int, dtype: torch.dtype) -> torch.Tensor:
         """Expert e's weight `name` ("w1", "w2", "w3") dequantized to `dtype`."""
@@ -122,7 +122,7 @@ class SharedExpert(nn.Module):
         """x: (T, D); adds the expert's output into `out` ((T, D) float32) through the fused kernels."""
         from ..kernels.fused_moe import fused_mlp
         w1, w2, w3 = self.w1, self.w2, self.w3
-        mode = fused_moe_mode(w1.scale is not None, w1.fp8_impl, x.device, w1.block_size, x.shape[0])
+        mode = fused_moe_mode(w1.scale is not None, w1.fp8_impl, x.device, w1.block_size)
         return fused_mlp(x, w1.weight, w2.weight, w3.weight, w1.scale, w2.scale, w3.scale, mode, out=out,
                          swiglu_limit=self.limit)
 
@@ -143,7 +143,7 @@ class MoE(nn.Module):
             from ..kernels.fused_moe import fused_moe
             e = self.experts
             y = fused_moe(x, weights, indices, e.w1, e.w2, e.w3, e.w1_scale, e.w2_scale, e.w3_scale,
-                          mode=e.fused_mode(indices.numel(), x.device), swiglu_limit=self.limit, route_on_h=True)
+                          mode=e.fused_mode(x.device), swiglu_limit=self.limit, route_on_h=True)
             return self.shared_experts.fused(x, y).to(x.dtype)
         flat = indices.flatten()
         order = flat.argsort(stable=True)                                              # slots grouped by expert

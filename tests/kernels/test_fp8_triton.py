@@ -159,14 +159,18 @@ def test_weight_dequant_matches_twin(n, k):
 
 GRID = [(m, n, k) for m in (1, 3, 64) for n, k in ((64, 128), (200, 200), (257, 384))] + [(3, 64, 384), (64, 257, 128)]
 GRID += [(64, 256, 512), (203, 128, 1024)]    # from M = 64, N % 128 = K % 512 = 0: cuBLAS's GEMM on an H100
-GRID += [(1, 100, 1100), (3, 64, 4096)]        # split-K: 2 runs of K blocks (the last one short), then 8
+GRID += [(1, 100, 3237), (3, 64, 4096), (16, 40, 3300)]   # split-K: 6 runs (the last one short), 8, then 8 of 32-wide
 
 
-def test_split_k_only_for_small_m_and_narrow_n():
-    from dsinfer.kernels.fp8_gemm_triton import split_k
-    assert split_k(1, 100, 1100) == 2 and split_k(3, 64, 4096) == 8       # the grid's split cases
-    assert split_k(1, 576, 7168) == 8 and split_k(16, 1536, 7168) == 5    # V3's wkv_a, wq_a at decode
-    assert split_k(17, 576, 7168) == 1 and split_k(1, 24576, 1536) == 1 and split_k(1, 576, 384) == 1
+def test_small_m_config_splits_long_k_over_few_columns():
+    """The decode launch rule: 64-wide column tiles up to 8 rows, 32-wide above; K split only when it is long and
+    the columns give too few programs; runs of >= 4 K blocks."""
+    from dsinfer.kernels.fp8_gemm_triton import small_m_config
+    assert small_m_config(1, 100, 3237)[:2] == (64, 6) and small_m_config(3, 64, 4096)[:2] == (64, 8)
+    assert small_m_config(16, 40, 3300)[:2] == (32, 6)
+    assert small_m_config(1, 576, 7168)[:2] == (64, 8) and small_m_config(1, 7168, 16384)[:2] == (64, 4)  # wkv_a, wo
+    assert small_m_config(1, 18432, 7168)[1] == 1 and small_m_config(1, 24576, 1536)[1] == 1    # enough columns
+    assert small_m_config(1, 7168, 2048)[1] == 1 and small_m_config(1, 64, 3072)[1] == 1        # short K
 
 
 @pytest.mark.parametrize("scale_fmt", [None, "ue8m0"])

@@ -104,8 +104,8 @@ def test_twin_equals_the_models_indexer(monkeypatch, simulate_qat):
         assert want.shape[1] == args.index_topk < seen["keys"].shape[0]
         assert torch.equal(got, want)
         scores = indexer_scores_torch(seen["q"], seen["keys"], w, positions, RATIO)
-        check_topk(indexer_topk(seen["q"], seen["keys"], w, positions, RATIO, args.index_topk), scores, positions,
-                   RATIO, args.index_topk)
+        on = [t.to(DEVICE) for t in (seen["q"], seen["keys"], w, positions)]
+        check_topk(indexer_topk(*on, RATIO, args.index_topk).cpu(), scores, positions, RATIO, args.index_topk)
         start += S
 
 
