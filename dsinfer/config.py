@@ -25,6 +25,10 @@ class EngineConfig:
     attn_backend: str = "auto"            # MLA attention + cache write: "auto" (triton on GPU), "torch", "triton"
     moe_backend: str = "auto"             # routed experts: "auto" (fused Triton kernel on GPU), "torch", "triton"
     enforce_eager: bool = False           # no CUDA graphs: run every decode step eagerly
+    # Launch each step before reading the previous step's tokens back, so the host's bookkeeping overlaps the
+    # GPU's work (engine.py). None = on for one CUDA device; True also runs it elsewhere (CPU: for testing).
+    # Not under tensor parallelism yet.
+    async_scheduling: bool | None = None
     cuda_graph_max_batch: int = 256       # decode batches up to this size replay graphs, >= 1 (<= max_num_seqs)
     # reuse cached pages of identical prompt prefixes; None = wherever the model allows it (not DeepSeek-V4)
     enable_prefix_caching: bool | None = None

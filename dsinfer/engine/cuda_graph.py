@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from ..models import AttentionMetadata
+from .sequence import fill_pending
 
 
 def batch_buckets(max_batch: int) -> list[int]:
@@ -83,9 +84,9 @@ class CudaGraphRunner:
         return bool(self.graphs) and num_seqs <= self.max_batch and max_context <= self.max_seq_len
 
     def run(self, input_ids: list[int], positions: list[int], slot_mapping: list[int], context_lens: list[int],
-            block_tables: list[list[int]]) -> torch.Tensor:
+            block_tables: list[list[int]], pending: tuple = ((), (), None)) -> torch.Tensor:
         """One decode step of B sequences (one new token each) -> logits (B, V) float32 (a view of a static
-        buffer, valid until the next replay)."""
+        buffer, valid until the next replay). pending: (positions, rows, previous tokens) for `fill_pending`."""
         B = len(input_ids)
         bs = next(b for b in self.buckets if b >= B)
         width = len(block_tables[0])
@@ -100,5 +101,6 @@ class CudaGraphRunner:
         self.slot_mapping[:bs].copy_(packed[2 * bs:3 * bs])
         self.seq_lens[:bs].copy_(packed[3 * bs:4 * bs])
         self.block_tables[:bs, :width].copy_(packed[4 * bs:].view(bs, width))
+        fill_pending(self.input_ids, *pending)
         self.graphs[bs].replay()
         return self.logits[bs][:B]

@@ -22,7 +22,7 @@ from .block_manager import BlockManager, V4BlockManager
 from .kv_cache import KVCache, cache_bytes_per_page
 from .runner import ModelRunner
 from .scheduler import Scheduler
-from .sequence import Sequence
+from .sequence import PENDING, Sequence
 from .v4_cache import V4Cache, v4_cache_bytes
 from .v4_runner import V4ModelRunner, load_v4
 from .worker import LockstepRunner, WorkerSpec
@@ -38,6 +38,39 @@ class StepOutput:
     finished: bool
     finish_reason: str | None
     logprobs: TokenLogprobs | None = None   # when the request's SamplingParams.logprobs is set
+
+
+@dataclass
+class _InFlight:
+    """An async step's sampled tokens: on the device (the next step's input ids) and on their way to the host."""
+
+    seqs: list[Sequence]
+    index: list[int]                  # where each sequence's PENDING token sits in its token_ids
+    tokens: torch.Tensor              # (B,) int64 on the device
+    host: torch.Tensor                # (B,) its copy in pinned host memory, valid once `event` has passed
+    event: torch.cuda.Event | None
+
+    @classmethod
+    def launch(cls, seqs: list[Sequence], tokens: torch.Tensor) -> _InFlight:
+        """Start the copy of `tokens` to the host and put PENDING in each sequence's place for them."""
+        event = None
+        host = tokens
+        if tokens.is_cuda:
+            host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+            host.copy_(tokens, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+        index = []
+        for row, seq in enumerate(seqs):
+            index.append(seq.num_tokens)
+            seq.token_ids.append(PENDING)
+            seq.pending_row = row
+        return cls(seqs, index, tokens, host, event)
+
+    def read(self) -> list[int]:
+        if self.event is not None:
+            self.event.synchronize()
+        return self.host.tolist()
 
 
 class Engine:
@@ -139,6 +172,10 @@ class Engine:
                 if self.parallel.world_size > 1:     # NCCL's teardown waits for graphs holding its collectives
                     self.parallel.before_leaving.append(self.runner.graphs.release)
         self.scheduler = Scheduler(config, self.block_manager)
+        self.async_scheduling = (self.parallel.world_size == 1 and
+                                 (config.async_scheduling or (config.async_scheduling is None and
+                                                              self.device.type == "cuda")))
+        self._in_flight: _InFlight | None = None
         self.sampler = Sampler()
         self.default_generator = torch.Generator(self.device).manual_seed(config.seed)
         self.sequences: dict[int, Sequence] = {}
@@ -190,10 +227,12 @@ class Engine:
     def abort(self, seq_id: int) -> None:
         seq = self.sequences.get(seq_id)
         if seq is not None and not seq.finished:
+            if seq.token_ids[-1] == PENDING:         # an async step's token, never read: not part of the output
+                seq.token_ids.pop()
             self.scheduler.finish(seq, "abort")
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or self._in_flight is not None
 
     def pop(self, seq_id: int) -> Sequence:
         """Forget a finished request and return it."""
@@ -202,32 +241,67 @@ class Engine:
     # -- one step --------------------------------------------------------------------------------------------
 
     def step(self) -> list[StepOutput]:
+        """Run one forward pass and return what it made final. With async scheduling the tokens a step samples
+        stay on the device as the next step's input (the host holds PENDING in their place) and are read back
+        after that step is launched, so the outputs returned are the previous step's, and the host's work here
+        runs while the GPU computes. A sequence that stops on EOS or a stop string has then had one more token
+        computed, which is dropped; one that reaches its length is not scheduled again."""
         seqs, num_new = self.scheduler.schedule()
+        prev, self._in_flight = self._in_flight, None
         if not seqs:
-            return []
-        logits = self.runner.run(seqs, num_new)
+            return self._resolve(prev) if prev else []
+        logits = self.runner.run(seqs, num_new, prev_tokens=prev.tokens if prev else None)
         for seq, n in zip(seqs, num_new):
             seq.num_cached_tokens += n
-            self.block_manager.commit(seq)
         ready = [i for i, s in enumerate(seqs) if s.num_cached_tokens == s.num_tokens]   # prompt fully cached
-        if not ready:
-            return []
         ready_seqs = [seqs[i] for i in ready]
-        tokens = self.sampler(logits[ready], [s.params for s in ready_seqs],
-                              [s.generator or self.default_generator for s in ready_seqs],
-                              vocab_limit=self.vocab_limit).tolist()
-        outputs = [self._append(seq, token) for seq, token in zip(ready_seqs, tokens)]
-        want = [i for i, s in enumerate(ready_seqs) if s.params.logprobs is not None]
+        tokens = None
+        if ready:
+            if len(ready) < len(seqs):              # (a gather, with its host-to-device index copy, only if needed)
+                logits = logits[ready]
+            tokens = self.sampler(logits, [s.params for s in ready_seqs],
+                                  [s.generator or self.default_generator for s in ready_seqs],
+                                  vocab_limit=self.vocab_limit)
+            if self.async_scheduling and all(s.params.logprobs is None for s in ready_seqs):
+                self._in_flight = _InFlight.launch(ready_seqs, tokens)
+                ready_seqs = []
+        outputs = self._resolve(prev) if prev else []       # fills this step's PENDING inputs: now commit
+        for seq in seqs:
+            if not seq.finished:
+                self.block_manager.commit(seq)
+        if ready_seqs:
+            outputs += self._accept_now(ready_seqs, logits, tokens.tolist())
+        return outputs
+
+    def _accept_now(self, seqs: list[Sequence], logits: torch.Tensor, tokens: list[int]) -> list[StepOutput]:
+        """Append each sequence's sampled token (skipping any the previous step just finished), with logprobs."""
+        outputs, rows = [], []
+        for row, (seq, token) in enumerate(zip(seqs, tokens)):
+            if not seq.finished:
+                seq.token_ids.append(token)
+                outputs.append(self._accept(seq, seq.num_tokens - 1))
+                rows.append(row)
+        want = [i for i, row in enumerate(rows) if seqs[row].params.logprobs is not None]
         if want:
-            rows = logits[[ready[i] for i in want]]
-            found = compute_logprobs(rows, [tokens[i] for i in want], [ready_seqs[i].params.logprobs for i in want],
-                                     vocab_limit=self.vocab_limit)
+            found = compute_logprobs(logits[[rows[i] for i in want]], [tokens[rows[i]] for i in want],
+                                     [seqs[rows[i]].params.logprobs for i in want], vocab_limit=self.vocab_limit)
             for i, lp in zip(want, found):
                 outputs[i].logprobs = lp
         return outputs
 
-    def _append(self, seq: Sequence, token: int) -> StepOutput:
-        seq.token_ids.append(token)
+    def _resolve(self, step: _InFlight) -> list[StepOutput]:
+        """Read back an async step's tokens (waiting for its copy only) and accept them in place of PENDING."""
+        outputs = []
+        for seq, i, token in zip(step.seqs, step.index, step.read()):
+            if not seq.finished:                     # aborted, or stopped by its previous token
+                seq.token_ids[i] = token
+                outputs.append(self._accept(seq, i))
+        return outputs
+
+    def _accept(self, seq: Sequence, i: int) -> StepOutput:
+        """Take token_ids[i], the token sampled last for `seq`: check EOS, stop strings and length, stream its
+        text. When it finishes the sequence, tokens after it (a PENDING one of an async step) are dropped."""
+        token = seq.token_ids[i]
         reason = None
         if token in self.eos_ids and not seq.params.ignore_eos:
             reason = "stop"
@@ -235,10 +309,11 @@ class Engine:
             seq.text += seq.detokenizer.step(token)
             if seq.params.stop and self._cut_at_stop(seq):
                 reason = "stop"
-        if reason is None and (seq.num_generated >= seq.params.max_tokens or seq.num_tokens >= seq.max_len):
+        if reason is None and (i + 1 - seq.num_prompt_tokens >= seq.params.max_tokens or i + 1 >= seq.max_len):
             reason = "length"
             seq.text += seq.detokenizer.flush() if seq.detokenizer is not None else ""
         if reason is not None:
+            del seq.token_ids[i + 1:]
             self.scheduler.finish(seq, reason)
         hold = 0 if reason else max((len(s) for s in seq.params.stop), default=1) - 1
         end = max(seq.num_emitted_chars, len(seq.text) - hold)

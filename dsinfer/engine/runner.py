@@ -6,14 +6,14 @@ parallelism) and executed on the device by `execute`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from ..models import AttentionMetadata
 from .cuda_graph import CudaGraphRunner
 from .kv_cache import KVCache
-from .sequence import Sequence
+from .sequence import PENDING, Sequence, fill_pending
 
 
 @dataclass
@@ -27,6 +27,8 @@ class StepBatch:
     query_start_loc: list[int]      # B + 1
     context_lens: list[int]         # B
     all_logits: bool = False        # logits for every new token, not just each sequence's last
+    pending_pos: list[int] = field(default_factory=list)    # input ids still PENDING (sampled on the device) ...
+    pending_rows: list[int] = field(default_factory=list)   # ... and their rows in the previous step's tokens
 
     @property
     def is_decode(self) -> bool:
@@ -49,8 +51,12 @@ class ModelRunner:
         """The next num_new[i] uncached tokens of each sequence."""
         page_size = self.page_size
         ids, positions, slots, starts, context_lens = [], [], [], [0], []
+        pending_pos, pending_rows = [], []
         for seq, n in zip(seqs, num_new):
             begin, end = seq.num_cached_tokens, seq.num_cached_tokens + n
+            if seq.token_ids[end - 1] == PENDING:          # only a sequence's last token can be
+                pending_pos.append(len(ids) + n - 1)
+                pending_rows.append(seq.pending_row)
             ids += seq.token_ids[begin:end]
             positions += range(begin, end)
             slots += [seq.block_table[p // page_size] * page_size + p % page_size for p in range(begin, end)]
@@ -58,7 +64,7 @@ class ModelRunner:
             context_lens.append(end)
         width = max(len(s.block_table) for s in seqs)
         tables = [s.block_table + [0] * (width - len(s.block_table)) for s in seqs]
-        return StepBatch(ids, positions, slots, tables, starts, context_lens, all_logits)
+        return StepBatch(ids, positions, slots, tables, starts, context_lens, all_logits, pending_pos, pending_rows)
 
     def metadata(self, batch: StepBatch) -> tuple[torch.Tensor, AttentionMetadata]:
         """Input ids and attention metadata on the device."""
@@ -75,17 +81,20 @@ class ModelRunner:
         return torch.tensor(batch.input_ids, dtype=torch.int64, **to), attn
 
     @torch.inference_mode()
-    def execute(self, batch: StepBatch) -> torch.Tensor:
-        """Logits (float32) of each sequence's last new token, (B, V); or of every new token, (T, V)."""
+    def execute(self, batch: StepBatch, prev_tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (float32) of each sequence's last new token, (B, V); or of every new token, (T, V).
+        prev_tokens: the previous step's sampled tokens on the device, for the batch's PENDING input ids."""
         if (batch.is_decode and self.graphs is not None
                 and self.graphs.can_run(len(batch.context_lens), max(batch.context_lens))):
             return self.graphs.run(batch.input_ids, batch.positions, batch.slot_mapping, batch.context_lens,
-                                   batch.block_tables)
+                                   batch.block_tables, (batch.pending_pos, batch.pending_rows, prev_tokens))
         input_ids, attn = self.metadata(batch)
+        fill_pending(input_ids, batch.pending_pos, batch.pending_rows, prev_tokens)
         hidden = self.model(input_ids, self.cache.layers, attn)
         if not batch.all_logits and not batch.is_decode:
             hidden = hidden[torch.tensor(batch.query_start_loc[1:], device=self.device) - 1]
         return self.model.compute_logits(hidden)
 
-    def run(self, seqs: list[Sequence], num_new: list[int], all_logits: bool = False) -> torch.Tensor:
-        return self.execute(self.build(seqs, num_new, all_logits))
+    def run(self, seqs: list[Sequence], num_new: list[int], all_logits: bool = False,
+            prev_tokens: torch.Tensor | None = None) -> torch.Tensor:
+        return self.execute(self.build(seqs, num_new, all_logits), prev_tokens)

@@ -43,8 +43,8 @@ class Scheduler:
         preempted = False
         decoding = [s for s in self.running if s.num_tokens - s.num_cached_tokens == 1]
         for seq in decoding + [s for s in self.running if s not in decoding]:
-            if seq.status != SequenceStatus.RUNNING or budget == 0:
-                continue
+            if seq.status != SequenceStatus.RUNNING or budget == 0 or seq.reached_length:
+                continue                   # (reached_length: its last token is still on the device; it is done)
             n = min(seq.num_tokens - seq.num_cached_tokens, budget)
             while not bm.ensure(seq, seq.num_cached_tokens + n):
                 victim = next(s for s in reversed(self.running) if s not in seqs)

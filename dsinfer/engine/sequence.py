@@ -10,6 +10,8 @@ import torch
 from ..sampling import SamplingParams
 from ..tokenizer import IncrementalDetokenizer
 
+PENDING = -1     # a token sampled on the device that the host has not read yet (async scheduling)
+
 
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"
@@ -34,6 +36,7 @@ class Sequence:
     text: str = ""                             # generated text so far (stop strings cut off)
     num_emitted_chars: int = 0                 # text handed out by the engine so far (streaming)
     finish_reason: str | None = None           # "stop" (EOS or stop string), "length" or "abort"
+    pending_row: int = -1                      # row of its PENDING last token in the step that sampled it
 
     @property
     def num_tokens(self) -> int:
@@ -48,6 +51,11 @@ class Sequence:
         return self.token_ids[self.num_prompt_tokens:]
 
     @property
+    def reached_length(self) -> bool:
+        """No further token is wanted (max_tokens or max_len reached), whatever the last one turns out to be."""
+        return self.num_generated >= self.params.max_tokens or self.num_tokens >= self.max_len
+
+    @property
     def finished(self) -> bool:
         return self.status == SequenceStatus.FINISHED
 
@@ -55,3 +63,18 @@ class Sequence:
     def max_cache_tokens(self) -> int:
         """Cache rows this request may need: every token but the last one sampled is written to the cache."""
         return min(self.num_prompt_tokens + self.params.max_tokens, self.max_len)
+
+
+def fill_pending(ids: torch.Tensor, positions: list[int], rows: list[int], prev_tokens: torch.Tensor | None) -> None:
+    """Write into the device input ids `ids` the tokens the previous step sampled on the device: ids[positions[i]]
+    = prev_tokens[rows[i]] (the host holds PENDING there)."""
+    if not positions:
+        return
+    if prev_tokens is None:
+        raise RuntimeError("a step has PENDING input tokens but no previous step's tokens to fill them from")
+    n = len(positions)
+    if positions == rows == list(range(n)):               # steady decoding: the same sequences, in the same order
+        ids[:n].copy_(prev_tokens[:n])
+    else:
+        index = torch.tensor([positions, rows], dtype=torch.int64).to(ids.device, non_blocking=True)
+        ids[index[0]] = prev_tokens[index[1]]

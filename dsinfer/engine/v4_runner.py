@@ -4,7 +4,7 @@ V4 model over each sequence's state slot and pages (v4_cache.py), returns logits
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -13,7 +13,7 @@ from ..config import EngineConfig
 from ..models.args_v4 import ModelArgsV4
 from ..models.deepseek_v4 import Transformer
 from ..models.v4_state import V4State
-from .sequence import Sequence
+from .sequence import PENDING, Sequence, fill_pending
 from .v4_cache import V4Cache
 
 
@@ -27,6 +27,8 @@ class V4StepBatch:
     state_slots: list[int]          # B
     block_tables: list[list[int]]   # B rows (not padded)
     all_logits: bool = False        # logits for every new token, not just each sequence's last
+    pending_pos: list[int] = field(default_factory=list)    # as in StepBatch
+    pending_rows: list[int] = field(default_factory=list)
 
 
 class V4ModelRunner:
@@ -36,23 +38,29 @@ class V4ModelRunner:
     def build(self, seqs: list[Sequence], num_new: list[int], all_logits: bool = False) -> V4StepBatch:
         """The next num_new[i] uncached tokens of each sequence."""
         ids = [t for s, n in zip(seqs, num_new) for t in s.token_ids[s.num_cached_tokens:s.num_cached_tokens + n]]
+        ends = list(itertools.accumulate(num_new))
+        pending = [(end - 1, s.pending_row) for s, end in zip(seqs, ends) if ids[end - 1] == PENDING]
         return V4StepBatch(ids, list(num_new), [s.num_cached_tokens for s in seqs], [s.state_slot for s in seqs],
-                           [list(s.block_table) for s in seqs], all_logits)
+                           [list(s.block_table) for s in seqs], all_logits, [p for p, _ in pending],
+                           [r for _, r in pending])
 
     @torch.inference_mode()
-    def execute(self, batch: V4StepBatch) -> torch.Tensor:
-        """Logits (float32) of each sequence's last new token, (B, V); or of every new token, (T, V)."""
+    def execute(self, batch: V4StepBatch, prev_tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (float32) of each sequence's last new token, (B, V); or of every new token, (T, V).
+        prev_tokens: the previous step's sampled tokens on the device, for the batch's PENDING input ids."""
         states = [V4State(self.cache.views(slot, torch.tensor(table, dtype=torch.int64, device=self.device)), p0)
                   for slot, table, p0 in zip(batch.state_slots, batch.block_tables, batch.start_pos)]
-        hidden = self.model(torch.tensor(batch.input_ids, dtype=torch.int64, device=self.device), states,
-                            batch.num_new)
+        input_ids = torch.tensor(batch.input_ids, dtype=torch.int64, device=self.device)
+        fill_pending(input_ids, batch.pending_pos, batch.pending_rows, prev_tokens)
+        hidden = self.model(input_ids, states, batch.num_new)
         if not batch.all_logits:
             last = list(itertools.accumulate(batch.num_new))
             hidden = hidden[torch.tensor(last, device=self.device) - 1]
         return self.model.compute_logits(hidden)
 
-    def run(self, seqs: list[Sequence], num_new: list[int], all_logits: bool = False) -> torch.Tensor:
-        return self.execute(self.build(seqs, num_new, all_logits))
+    def run(self, seqs: list[Sequence], num_new: list[int], all_logits: bool = False,
+            prev_tokens: torch.Tensor | None = None) -> torch.Tensor:
+        return self.execute(self.build(seqs, num_new, all_logits), prev_tokens)
 
 
 def load_v4(path, config: EngineConfig, simulate_qat: bool | None) -> tuple[Transformer, ModelArgsV4]:

@@ -49,7 +49,9 @@ class LockstepRunner(ModelRunner):
         super().__init__(model, cache, device)
         self.parallel = parallel
 
-    def execute(self, batch: StepBatch) -> torch.Tensor:
+    def execute(self, batch: StepBatch, prev_tokens: torch.Tensor | None = None) -> torch.Tensor:
+        if batch.pending_pos:           # the other ranks would need those tokens too
+            raise RuntimeError("async scheduling does not run under tensor parallelism")
         self.parallel.broadcast_object(batch)
         return super().execute(batch)
 

@@ -85,9 +85,9 @@ def add_rms_norm_torch(x: torch.Tensor, residual: torch.Tensor, weight: torch.Te
 @triton.jit
 def _rotary_kernel(x_ptr, cs_ptr, y_ptr, H, stride_xt, stride_xh, stride_yt, stride_yh, stride_cst,
                    HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
-    """One token, all its heads: pairs (x[2i], x[2i+1]) rotated by the angle of pair i."""
+    """One token, BLOCK_H of its heads: pairs (x[2i], x[2i+1]) rotated by the angle of pair i."""
     t = tl.program_id(0).to(tl.int64)
-    h = tl.arange(0, BLOCK_H)
+    h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     i = tl.arange(0, BLOCK_D)
     mask = (h[:, None] < H) & (i[None, :] < HALF)
     cos = tl.load(cs_ptr + t * stride_cst + 2 * i, mask=i < HALF, other=0.0)[None, :]
@@ -110,7 +110,8 @@ def rotary(x: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
         x3 = x3.contiguous()
     y = torch.empty((T, H, d), dtype=x.dtype, device=x.device)
     if T:
-        _rotary_kernel[(T,)](x3, cos_sin, y, H, x3.stride(0), x3.stride(1), y.stride(0), y.stride(1),
-                             cos_sin.stride(0), HALF=d // 2, BLOCK_H=triton.next_power_of_2(H),
-                             BLOCK_D=triton.next_power_of_2(d // 2), num_warps=4)
+        block_h = min(triton.next_power_of_2(H), 16)      # 16 heads a program: 128 heads are 8 programs, not 1
+        _rotary_kernel[(T, triton.cdiv(H, block_h))](x3, cos_sin, y, H, x3.stride(0), x3.stride(1), y.stride(0),
+                                                     y.stride(1), cos_sin.stride(0), HALF=d // 2, BLOCK_H=block_h,
+                                                     BLOCK_D=triton.next_power_of_2(d // 2), num_warps=1)
     return y.view(x.shape)

@@ -70,9 +70,12 @@ def assert_all_released(eng):
     assert bm.num_free_pages == bm.num_pages and len(bm.free_slots) == eng.cache.num_slots
 
 
-@pytest.mark.parametrize("page_size,max_num_batched_tokens", [(8, 24), (4, 7), (16, 1000)])
-def test_concurrent_requests_match_the_plain_model(model_args, prompts, oracle, page_size, max_num_batched_tokens):
-    eng = engine(model_args, page_size=page_size, max_num_batched_tokens=max_num_batched_tokens)
+@pytest.mark.parametrize("page_size,max_num_batched_tokens,async_scheduling",
+                         [(8, 24, False), (4, 7, False), (16, 1000, False), (8, 24, True)])
+def test_concurrent_requests_match_the_plain_model(model_args, prompts, oracle, page_size, max_num_batched_tokens,
+                                                   async_scheduling):
+    eng = engine(model_args, page_size=page_size, max_num_batched_tokens=max_num_batched_tokens,
+                 async_scheduling=async_scheduling)
     ids = [eng.add_request(p, SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)) for p in prompts]
     assert drain(eng, ids) == oracle
     assert_all_released(eng)
@@ -90,13 +93,14 @@ def test_triton_kernels_in_the_engine_match_the_plain_model(model_args, prompts,
     assert_all_released(eng)
 
 
-def test_preemption_and_slot_reuse_keep_tokens(model_args, prompts, oracle):
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_preemption_and_slot_reuse_keep_tokens(model_args, prompts, oracle, async_scheduling):
     """Few pages (the longest request alone nearly fills them) and three slots for eight requests."""
     _, args = model_args
     per_page, per_slot = v4_cache_bytes(args, 8, torch.float32)
     pages = -(-(70 + MAX_TOKENS) // 8) + 2
     eng = engine(model_args, page_size=8, max_num_seqs=3, max_num_batched_tokens=20,
-                 cpu_cache_gib=(per_slot * 4 + per_page * pages) / 2**30)
+                 cpu_cache_gib=(per_slot * 4 + per_page * pages) / 2**30, async_scheduling=async_scheduling)
     assert eng.block_manager.num_pages == pages and eng.cache.num_slots == 4
     ids = [eng.add_request(p, SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True))
            for p in reversed(prompts)]

@@ -27,16 +27,19 @@ def check_all_free(llm):
     assert bm.num_free_pages == bm.num_pages and not llm.engine.has_unfinished()
 
 
-def test_40_mixed_requests(checkpoint, alone):
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_40_mixed_requests(checkpoint, alone, async_scheduling):
     llm = LLM(checkpoint("v3"), device="cpu", dtype="float32", progress=False, page_size=4, max_num_seqs=8,
-              max_num_batched_tokens=32)
+              max_num_batched_tokens=32, async_scheduling=async_scheduling)
     prompts, params = requests(40)
     assert [o.token_ids for o in llm.generate(prompts, params)] == alone(prompts, params)
     check_all_free(llm)
 
 
-def test_shared_prefix_hits_the_cache(checkpoint, alone):
-    llm = LLM(checkpoint("v3"), device="cpu", dtype="float32", progress=False, page_size=4)
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_shared_prefix_hits_the_cache(checkpoint, alone, async_scheduling):
+    llm = LLM(checkpoint("v3"), device="cpu", dtype="float32", progress=False, page_size=4,
+              async_scheduling=async_scheduling)
     system = list(range(100, 121))                     # 1 BOS + 21 tokens: 5 full pages of 4
     prompts, params = requests(6, seed=1, prefix=system)
     first = llm.generate(prompts[:1], params[:1])      # fills the cache with the prefix
@@ -59,9 +62,11 @@ def test_chat_history_reuses_pages(checkpoint):
     assert llm.engine.block_manager.num_hit_tokens - before >= 4 * (len(reply.prompt_token_ids) // 4) - 4
 
 
-def test_preemption_keeps_every_token(checkpoint, alone):
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_preemption_keeps_every_token(checkpoint, alone, async_scheduling):
     llm = LLM(checkpoint("v3"), device="cpu", dtype="float32", progress=False, page_size=4, max_num_seqs=8,
-              cpu_cache_gib=14 * 1920 / 2**30)       # 14 pages of 4 tokens (1920 bytes a page)
+              cpu_cache_gib=14 * 1920 / 2**30,       # 14 pages of 4 tokens (1920 bytes a page)
+              async_scheduling=async_scheduling)
     assert llm.engine.block_manager.num_pages == 14
     prompts, params = requests(12, seed=2)
     prompts = [p[:30] for p in prompts]
@@ -72,10 +77,11 @@ def test_preemption_keeps_every_token(checkpoint, alone):
     check_all_free(llm)
 
 
-def test_seeded_sampling_survives_preemption(checkpoint):
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_seeded_sampling_survives_preemption(checkpoint, async_scheduling):
     roomy = LLM(checkpoint("v3"), device="cpu", dtype="float32", progress=False, page_size=4)
     tight = LLM(checkpoint("v3"), device="cpu", dtype="float32", progress=False, page_size=4,
-                cpu_cache_gib=12 * 1920 / 2**30)
+                cpu_cache_gib=12 * 1920 / 2**30, async_scheduling=async_scheduling)
     prompts = [[0] + list(range(10 + i, 30 + i)) for i in range(6)]
     params = [SamplingParams(temperature=1.0, seed=i, max_tokens=20, ignore_eos=True) for i in range(6)]
     a = [o.token_ids for o in roomy.generate(prompts, params)]

@@ -51,12 +51,13 @@ def test_align_slots_groups_every_local_slot_once(align, T, k, E, block_m, first
         seen += real
     local = [s for s in range(T * k) if first <= flat[s] < first + n_local]
     assert sorted(seen) == local                           # each local slot exactly once, others dropped
-    used = (block_expert >= 0).sum().item()                # used tiles come first, within the launch bound
-    assert (block_expert[:used] >= 0).all() and used <= T * k // block_m + min(T * k, n_local)
+    used = (block_expert >= 0).sum().item()                # used tiles come first, within the bound
+    assert block_expert.numel() == T * k // block_m + min(T * k, n_local)
+    assert (block_expert[:used] >= 0).all() and used <= block_expert.numel()
 
 
 def test_fused_moe_fills_every_launched_tile():
-    """The launch covers only T*k // block_m + min(T*k, n_local) tiles: routing that reaches that bound (each
+    """The slot list has only T*k // block_m + min(T*k, n_local) tiles: routing that fills all of them (each
     expert one slot past a whole tile) still gives the twin's output."""
     E, per, D, inter = 4, 17, 64, 32                       # block_m is 16 here: every expert takes two tiles
     order = torch.randperm(E * per, generator=torch.Generator().manual_seed(0))
@@ -66,7 +67,7 @@ def test_fused_moe_fills_every_launched_tile():
     (w1, w2, w3), _ = _weights(E, inter, D, dtype, fp8=False)
     x = torch.randn(E * per, D, generator=torch.Generator().manual_seed(2)).to(DEVICE, dtype)
     _, block_expert = align_slots(indices, 0, E, 16)
-    assert (block_expert >= 0).sum().item() == E * per // 16 + E      # the bound, reached
+    assert (block_expert >= 0).sum().item() == block_expert.numel() == E * per // 16 + E    # the bound, reached
     _close(fused_moe(x, route_w, indices, w1, w2, w3), fused_moe_torch(x, route_w, indices, w1, w2, w3), dtype,
            "plain")
 

@@ -43,7 +43,7 @@ def test_rms_norm_of_a_strided_view():
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("T,H,d", [(1, 1, 64), (7, 16, 64), (3, 5, 8), (2, 128, 64)])
+@pytest.mark.parametrize("T,H,d", [(1, 1, 64), (7, 16, 64), (3, 5, 8), (3, 20, 8), (2, 128, 64)])
 @pytest.mark.parametrize("view", [False, True])
 def test_rotary_equals_twin(T, H, d, dtype, view):
     g = torch.Generator().manual_seed(1)
