@@ -26,12 +26,13 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--top", type=int, default=25)
+    p.add_argument("--max-model-len", type=int, help="default: the model's, as `dsinfer bench` runs it")
     p.add_argument("--graphs", action="store_true", help="replay CUDA graphs as the engine does by default "
                    "(kernel names inside graphs are still listed)")
     a = p.parse_args()
     cfg = bench_config(a.config, a.layers)
     args = ModelArgs.from_hf_config(cfg)
-    config = EngineConfig(max_model_len=512, max_num_seqs=a.batch, enable_prefix_caching=False,
+    config = EngineConfig(max_model_len=a.max_model_len, max_num_seqs=a.batch, enable_prefix_caching=False,
                           enforce_eager=not a.graphs, progress=False)
     engine = Engine.from_model(random_model(args, config.torch_dtype, config.torch_device), args, config)
     params = SamplingParams(temperature=0, ignore_eos=True, max_tokens=2 * a.steps + 8)

@@ -63,9 +63,12 @@ def _mla_attention_kernel(
     row_ok = (t < q_len) & (h < H)
     pos = ctx - q_len + t                                       # last key each row may see
     # this sequence's context is cut into up to num_splits equal ranges of at least min_split_len keys (fewer for
-    # short contexts; programs past the last range store an empty result), so one launch shape (a CUDA graph)
-    # serves every context length
+    # short contexts; programs past the last range only mark their rows empty, which the merge then skips), so
+    # one launch shape (a CUDA graph) serves every context length
     seq_splits = tl.maximum(1, tl.minimum(num_splits, ctx // min_split_len))
+    if s >= seq_splits:
+        tl.store(Lse + s * stride_ls + (q_start + t) * stride_lt + h, float("-inf"), mask=row_ok & (pid_v == 0))
+        return
     split_len = tl.cdiv(tl.cdiv(ctx, seq_splits), BLOCK_N) * BLOCK_N
     kv_lo = s * split_len
     kv_hi = tl.minimum(ctx, kv_lo + split_len)
@@ -135,10 +138,13 @@ def _merge_kernel(Partial, Lse, Out, num_splits, H, stride_ps, stride_pt, stride
     acc = tl.zeros([BLOCK_R], tl.float32)
     denom = tl.zeros([1], tl.float32)
     for s in range(num_splits):
-        w = tl.exp2(tl.load(Lse + s * stride_ls + t * stride_lt + h + tl.arange(0, 1)) - m)
-        part = tl.load(Partial + s * stride_ps + t * stride_pt + h * stride_ph + offs_r, mask=offs_r < R, other=0.0)
-        acc += w * part
-        denom += w
+        lse = tl.load(Lse + s * stride_ls + t * stride_lt + h)
+        if lse != float("-inf"):        # an empty range (past the sequence's last) adds nothing: not read
+            w = tl.exp2(lse - m)
+            part = tl.load(Partial + s * stride_ps + t * stride_pt + h * stride_ph + offs_r, mask=offs_r < R,
+                           other=0.0)
+            acc += w * part
+            denom += w
     out = acc / tl.where(denom == 0.0, 1.0, denom)
     tl.store(Out + t * stride_ot + h * stride_oh + offs_r, out.to(Out.dtype.element_ty), mask=offs_r < R)
 

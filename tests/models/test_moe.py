@@ -11,6 +11,8 @@ from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3TopkR
 from dsinfer.models import ModelArgs
 from dsinfer.models.moe import Gate, MoE, set_moe_backend
 
+# the fused kernels run compiled on a GPU, through Triton's interpreter on CPU
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 BASE = dict(vocab_size=64, hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=2,
             num_attention_heads=2, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8,
             max_position_embeddings=1024, first_k_dense_replace=1, n_routed_experts=16, num_experts_per_tok=4)
@@ -74,7 +76,8 @@ def test_moe_equals_per_token_loop(case, backend):
     for p in moe.parameters():
         p.data = torch.randn_like(p) * 0.2
     x = torch.randn(10, 32)
-    y = moe(x)
+    y = moe.to(DEVICE if backend == "triton" else "cpu")(x.to(DEVICE if backend == "triton" else "cpu")).cpu()
+    moe.cpu()
     w, idx = moe.gate(x)
     e = moe.experts
     for t in range(10):
@@ -98,8 +101,11 @@ def test_unknown_moe_backend_is_refused():
     (False, "auto", "plain"),
     (True, "weight_only", "weight_only"),
     (True, "fp8_gemm", "block_scaled"),           # FP8 tensor cores at every batch size
-    (True, "auto", "weight_only"),                # "auto" on a CPU (interpreter) resolves to the torch path
+    (True, "auto", "auto"),    # CPU (interpreter): the torch path, so weight-only; FP8 GPUs: block-scaled
 ])
 def test_fused_moe_mode(scaled, impl, mode):
     from dsinfer.models.layers import fused_moe_mode
-    assert fused_moe_mode(scaled, impl, torch.device("cpu"), (128, 128)) == mode
+    if mode == "auto":
+        fp8_gpu = DEVICE.type == "cuda" and torch.cuda.get_device_capability(DEVICE) >= (8, 9)
+        mode = "block_scaled" if fp8_gpu else "weight_only"
+    assert fused_moe_mode(scaled, impl, DEVICE, (128, 128)) == mode
