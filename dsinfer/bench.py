@@ -154,9 +154,7 @@ def weight_bytes_per_step(model: nn.Module, args: ModelArgs | ModelArgsV4, batch
         elif isinstance(owner, (Experts, ExpertsV4)):
             e, k = args.n_routed_experts, args.n_activated_experts
             touched = e * (1 - (1 - k / e) ** batch)
-            folded = getattr(owner, "n_folded", 0)   # shared experts folded into the stack: always read
-            routed = p.shape[0] - folded             # this rank's routed experts
-            total += int(p.numel() // p.shape[0] * p.element_size() * (routed * touched / e + folded))
+            total += int(p.numel() * p.element_size() * touched / e)
         else:
             total += p.numel() * p.element_size()
     return total

@@ -14,7 +14,7 @@ from ..kernels.mla_triton import triton_available
 from ..models import ModelArgs
 from ..models.args_v4 import ModelArgsV4
 from ..models.layers import set_attn_backend, set_fp8_impl
-from ..models.moe import fold_shared_experts, set_moe_backend
+from ..models.moe import set_moe_backend
 from ..parallel import ParallelState
 from ..sampling import Sampler, SamplingParams, TokenLogprobs, compute_logprobs
 from ..tokenizer import IncrementalDetokenizer, Tokenizer
@@ -142,8 +142,6 @@ class Engine:
         if moe_backend == "auto":
             moe_backend = "triton" if self.device.type == "cuda" and triton_available() else "torch"
         set_moe_backend(self.model, moe_backend)
-        if moe_backend == "triton" and not isinstance(self.args, ModelArgsV4):
-            fold_shared_experts(self.model)       # one rank only: see MoE.fold_shared_experts
         self.max_model_len = config.max_model_len or self.args.max_position_embeddings
         if self.max_model_len > self.args.max_position_embeddings:
             raise ValueError(f"max_model_len {self.max_model_len} exceeds the model's max_position_embeddings "

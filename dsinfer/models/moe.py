@@ -48,20 +48,12 @@ class Gate(nn.Module):
 MOE_BACKENDS = ("torch", "triton")    # who runs the routed experts: a loop over experts, or the fused kernel
 
 
-def fold_shared_experts(model: nn.Module) -> int:
-    """MoE.fold_shared_experts on every MoE layer of a DeepSeek V2/V3 `model`; returns how many folded."""
-    return sum(m.fold_shared_experts() for m in model.modules() if isinstance(m, MoE))
-
-
 def set_moe_backend(model: nn.Module, backend: str) -> None:
     """Run the routed experts of every MoE layer of `model` (DeepSeek V2/V3 or V4) with the per-expert loop or the
     fused Triton kernel, and the dense MLPs (dense layers, shared experts) as three GEMMs or the fused kernels."""
     if backend not in MOE_BACKENDS:
         raise ValueError(f"unknown MoE backend {backend!r}; choose one of {', '.join(MOE_BACKENDS)}")
     from .v4_moe import Experts as ExpertsV4
-    if backend != "triton" and any(isinstance(m, MoE) and m.shared_folded for m in model.modules()):
-        raise ValueError("this model's shared experts were folded into the fused kernel's stacks; it needs the "
-                         "'triton' MoE backend")
     for m in model.modules():
         if isinstance(m, (Experts, ExpertsV4, MLP)):
             m.backend = backend
@@ -78,7 +70,6 @@ class Experts(nn.Module):
         self.first, self.n_local = first, n_experts if n_local is None else n_local
         self.fp8_impl = "auto"
         self.backend = "torch"
-        self.n_folded = 0                 # shared experts stacked after the routed ones (MoE.fold_shared_experts)
         self.w1 = nn.Parameter(torch.empty(self.n_local, inter_dim, dim), requires_grad=False)   # gate_proj
         self.w2 = nn.Parameter(torch.empty(self.n_local, dim, inter_dim), requires_grad=False)   # down_proj
         self.w3 = nn.Parameter(torch.empty(self.n_local, inter_dim, dim), requires_grad=False)   # up_proj
@@ -138,51 +129,10 @@ class MoE(nn.Module):
                                first=self.parallel.rank * n_local, n_local=n_local)
         self.shared_experts = MLP(args.dim, args.n_shared_experts * args.moe_inter_dim, block, self.parallel,
                                   reduce=False)
-        self.n_shared, self.shared_folded = args.n_shared_experts, False
-
-    def fold_shared_experts(self) -> bool:
-        """Stack the shared MLP onto the routed experts as n_shared more experts of the same width (the SwiGLU
-        is elementwise in its hidden units, so the MLP is the sum of its n_shared slices), to which every token
-        is routed with weight 1: the fused kernel then runs them in its two launches, their tiles beside the
-        routed ones, instead of two launches of its own that leave most of the GPU idle at small batches.
-        Only for whole stacks (one rank; with tensor parallelism a rank holds a slice of the shared width) of
-        one format. The stacks are copied once (one layer at a time); the fused backend must stay on. Returns
-        whether it folded."""
-        e, s = self.experts, self.shared_experts
-        scaled = e.w1_scale is not None
-        inter = e.w1.shape[1]
-        if (self.shared_folded or self.parallel.world_size > 1 or e.backend != "triton" or self.n_shared == 0
-                or (s.w1.scale is not None) != scaled or s.w1.weight.dtype != e.w1.dtype
-                or (scaled and (inter % e.block_size[0] or tuple(s.w1.block_size) != tuple(e.block_size)))):
-            return False
-        n, dim = self.n_shared, e.w1.shape[2]
-
-        def stack(name, slices):
-            setattr(e, name, nn.Parameter(torch.cat([getattr(e, name), slices]), requires_grad=False))
-
-        stack("w1", s.w1.weight.view(n, inter, dim))
-        stack("w3", s.w3.weight.view(n, inter, dim))
-        stack("w2", s.w2.weight.view(dim, n, inter).transpose(0, 1))
-        if scaled:
-            b = e.block_size[0]
-            stack("w1_scale", s.w1.scale.view(n, inter // b, -1))
-            stack("w3_scale", s.w3.scale.view(n, inter // b, -1))
-            stack("w2_scale", s.w2.scale.view(s.w2.scale.shape[0], n, inter // b).transpose(0, 1))
-        e.n_local += n
-        e.n_folded = n
-        del self.shared_experts
-        self.shared_folded = True
-        return True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (T, D) -> (T, D). Routed outputs are weighted and summed in float32, then the shared MLP is added."""
         weights, indices = self.gate(x)                                       # (T, k), (T, k)
-        if self.shared_folded:                  # the shared experts are the last n_shared of the stacks
-            T, first = x.shape[0], self.experts.first + self.experts.n_local - self.n_shared
-            shared = torch.arange(first, first + self.n_shared, device=x.device).expand(T, self.n_shared)
-            weights = torch.cat([weights, weights.new_ones(T, self.n_shared)], dim=1)
-            y = self.experts(x, weights, torch.cat([indices, shared], dim=1))
-            return self.parallel.all_reduce(y.to(x.dtype))
         y = self.experts(x, weights, indices)
         if self.shared_experts.backend == "triton":      # the shared MLP adds itself into y in its last kernel
             y = self.shared_experts.fused(x, y)

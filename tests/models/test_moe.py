@@ -109,37 +109,3 @@ def test_fused_moe_mode(scaled, impl, mode):
         fp8_gpu = DEVICE.type == "cuda" and torch.cuda.get_device_capability(DEVICE) >= (8, 9)
         mode = "block_scaled" if fp8_gpu else "weight_only"
     assert fused_moe_mode(scaled, impl, DEVICE, (128, 128)) == mode
-
-
-@pytest.mark.parametrize("fp8", [False, True])
-def test_folded_shared_experts_equal_the_shared_mlp(fp8):
-    """The shared MLP stacked onto the routed experts (two shared experts, every token routed to them with
-    weight 1) through the fused kernel gives what the per-expert loop plus the separate MLP gives."""
-    from dsinfer.kernels import weight_quant_torch
-    from dsinfer.models.moe import fold_shared_experts
-    cfg = dict(BASE, model_type="deepseek_v3", hidden_size=128, moe_intermediate_size=128, n_shared_experts=2,
-               n_routed_experts=4, num_experts_per_tok=2, n_group=1, topk_group=1, routed_scaling_factor=2.5,
-               norm_topk_prob=True)
-    moe = MoE(ModelArgs.from_hf_config(cfg))
-    g = torch.Generator().manual_seed(3)
-    for p in moe.parameters():
-        p.data = torch.randn(p.shape, generator=g) * 0.1
-
-    def quantize(owner, name, scale_name):
-        w = getattr(owner, name)
-        q, s = zip(*[weight_quant_torch(m) for m in (w.data if w.dim() == 3 else w.data[None])])
-        setattr(owner, name, torch.nn.Parameter(torch.stack(q).reshape(w.shape), requires_grad=False))
-        setattr(owner, scale_name, torch.nn.Parameter(torch.stack(s).reshape(-1, *s[0].shape[-2:]).squeeze(0)
-                                                      if w.dim() == 2 else torch.stack(s), requires_grad=False))
-    if fp8:
-        for name in ("w1", "w2", "w3"):
-            quantize(moe.experts, name, f"{name}_scale")
-            quantize(getattr(moe.shared_experts, name), "weight", "scale")
-    x = torch.randn(6, 128, generator=g)
-    want = moe(x)                                        # torch backend: the loop and the separate MLP
-    set_moe_backend(moe, "triton")
-    assert fold_shared_experts(moe) == 1 and moe.experts.w1.shape[0] == 6 and not hasattr(moe, "shared_experts")
-    got = moe.to(DEVICE)(x.to(DEVICE)).cpu()
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
-    with pytest.raises(ValueError, match="needs the 'triton' MoE backend"):
-        set_moe_backend(moe, "torch")
