@@ -44,6 +44,7 @@ def main() -> None:
     start = time.perf_counter()
     for _ in range(a.steps):
         engine.step()
+    torch.cuda.synchronize()
     wall_ms = (time.perf_counter() - start) / a.steps * 1e3
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(a.steps):
