@@ -14,6 +14,7 @@ from ..kernels.mla_triton import triton_available
 from ..models import ModelArgs
 from ..models.args_v4 import ModelArgsV4
 from ..models.layers import set_attn_backend, set_fp8_impl
+from ..models.mla import fuse_input_projections
 from ..models.moe import set_moe_backend
 from ..parallel import ParallelState
 from ..sampling import Sampler, SamplingParams, TokenLogprobs, compute_logprobs
@@ -133,6 +134,8 @@ class Engine:
         self.device, self.dtype = self.parallel.device, config.torch_dtype
         self.vocab_limit = tokenizer.vocab_size if tokenizer else None
         self.eos_ids = tokenizer.eos_ids if tokenizer else set()
+        if not isinstance(args, ModelArgsV4):
+            fuse_input_projections(self.model)     # one GEMM for wq_a and wkv_a (not across TP-split wq)
         set_fp8_impl(self.model, config.fp8_impl)
         backend = config.attn_backend
         if backend == "auto":

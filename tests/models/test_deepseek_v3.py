@@ -41,10 +41,12 @@ def llm32(checkpoint):
 def test_logits_match_hf_fp32(name, llm32):
     hf = fixtures.build_hf_model(name)
     ids = prompt(40)
-    ours = llm32(name).logits(ids)
+    llm = llm32(name)
+    ours = llm.logits(ids)
     ref = hf_logits(hf, ids)
     assert ours.shape == (40, fixtures.VOCAB)
     assert (ours - ref).abs().max().item() < 1e-4
+    assert llm.engine.model.layers[0].attn.wqkv_a is not None     # the engine's one GEMM for wq_a/wq and wkv_a
 
 
 @pytest.mark.parametrize("name", NAMES)
