@@ -234,7 +234,14 @@ class MLP(nn.Module):
 
     def fused(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """x: (T, D) -> this rank's (T, D) float32 output through the fused kernels, added into `out` if given."""
-        from ..kernels.fused_moe import fused_mlp
-        w1, w2, w3 = self.w1, self.w2, self.w3
-        mode = fused_moe_mode(w1.scale is not None, w1.fp8_impl, x.device, w1.block_size)
-        return fused_mlp(x, w1.weight, w2.weight, w3.weight, w1.scale, w2.scale, w3.scale, mode, out=out)
+        return fused_swiglu(self.w1, self.w2, self.w3, x, out)
+
+
+def fused_swiglu(w1: Linear, w2: Linear, w3: Linear, x: torch.Tensor, out: torch.Tensor | None = None,
+                 swiglu_limit: float = 0.0) -> torch.Tensor:
+    """w2(silu(w1 x) * w3 x) of three linear layers (bf16 or FP8) through the fused MoE kernels' two launches,
+    every token on one "expert": (T, D) float32, added into `out` if given. swiglu_limit: V4's clamp."""
+    from ..kernels.fused_moe import fused_mlp
+    mode = fused_moe_mode(w1.scale is not None, w1.fp8_impl, x.device, w1.block_size)
+    return fused_mlp(x, w1.weight, w2.weight, w3.weight, w1.scale, w2.scale, w3.scale, mode, out=out,
+                     swiglu_limit=swiglu_limit)

@@ -60,7 +60,7 @@ class MLA(nn.Module):
         of the GPU streaming at decode. Not where wq is split over tensor-parallel ranks (wkv_a is whole on
         each), the formats differ, or FP8 blocks would straddle the seam. Returns whether it fused."""
         q, kv = (self.wq if self.q_lora_rank == 0 else self.wq_a), self.wkv_a
-        if (self.wqkv_a is not None or getattr(getattr(q, "parallel", None), "world_size", 1) > 1
+        if (self.wqkv_a is not None or (isinstance(q, ColumnParallelLinear) and q.parallel.world_size > 1)
                 or (q.scale is None) != (kv.scale is None) or q.weight.dtype != kv.weight.dtype
                 or (q.scale is not None and (q.out_features % q.block_size[0] or q.block_size != kv.block_size))):
             return False
@@ -69,7 +69,7 @@ class MLA(nn.Module):
         if q.scale is not None:
             fused.scale = nn.Parameter(torch.cat([q.scale, kv.scale]), requires_grad=False)
         fused.fp8_impl, fused.act_scale_fmt = q.fp8_impl, q.act_scale_fmt
-        self.wqkv_a, self.wkv_a_width = fused, kv.out_features
+        self.wqkv_a, self.wqkv_a_split = fused, [q.out_features, kv.out_features]
         del self.wkv_a
         if self.q_lora_rank == 0:
             del self.wq
@@ -82,7 +82,7 @@ class MLA(nn.Module):
         """x: (T, D); cos_sin: (T, rope/2, 2); kv_cache: (pages, page_size, kv_lora + rope). Returns (T, D)."""
         T = x.shape[0]
         if self.wqkv_a is not None:
-            q, kv = self.wqkv_a(x).split([self.wqkv_a.out_features - self.wkv_a_width, self.wkv_a_width], dim=-1)
+            q, kv = self.wqkv_a(x).split(self.wqkv_a_split, dim=-1)
             q = q if self.q_lora_rank == 0 else self.wq_b(self.q_norm(q))
         else:
             q = self.wq(x) if self.q_lora_rank == 0 else self.wq_b(self.q_norm(self.wq_a(x)))

@@ -22,7 +22,7 @@ from torch import nn
 from ..kernels import weight_dequant_torch
 from ..kernels.fp4 import fp4_dequant_torch
 from .args_v4 import ModelArgsV4
-from .layers import Linear, fused_moe_mode
+from .layers import Linear, fused_moe_mode, fused_swiglu
 
 
 def swiglu_clamped(gate: torch.Tensor, up: torch.Tensor, limit: float) -> torch.Tensor:
@@ -120,11 +120,7 @@ class SharedExpert(nn.Module):
 
     def fused(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """x: (T, D); adds the expert's output into `out` ((T, D) float32) through the fused kernels."""
-        from ..kernels.fused_moe import fused_mlp
-        w1, w2, w3 = self.w1, self.w2, self.w3
-        mode = fused_moe_mode(w1.scale is not None, w1.fp8_impl, x.device, w1.block_size)
-        return fused_mlp(x, w1.weight, w2.weight, w3.weight, w1.scale, w2.scale, w3.scale, mode, out=out,
-                         swiglu_limit=self.limit)
+        return fused_swiglu(self.w1, self.w2, self.w3, x, out, self.limit)
 
 
 class MoE(nn.Module):
