@@ -12,10 +12,11 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from dsinfer.bench import bench_config, random_model
+from dsinfer.bench import bench_config, random_model, random_model_v4
 from dsinfer.config import EngineConfig
 from dsinfer.engine import Engine
 from dsinfer.models import ModelArgs
+from dsinfer.models.args_v4 import ModelArgsV4
 from dsinfer.sampling import SamplingParams
 
 
@@ -31,10 +32,12 @@ def main() -> None:
                    "(kernel names inside graphs are still listed)")
     a = p.parse_args()
     cfg = bench_config(a.config, a.layers)
-    args = ModelArgs.from_hf_config(cfg)
+    v4 = cfg.get("model_type") == "deepseek_v4"
+    args = ModelArgsV4.from_hf_config(cfg) if v4 else ModelArgs.from_hf_config(cfg)
     config = EngineConfig(max_model_len=a.max_model_len, max_num_seqs=a.batch, enable_prefix_caching=False,
                           enforce_eager=not a.graphs, progress=False)
-    engine = Engine.from_model(random_model(args, config.torch_dtype, config.torch_device), args, config)
+    build = random_model_v4 if v4 else random_model
+    engine = Engine.from_model(build(args, config.torch_dtype, config.torch_device), args, config)
     params = SamplingParams(temperature=0, ignore_eos=True, max_tokens=2 * a.steps + 8)
     for _ in range(a.batch):
         engine.add_request(list(range(1, 65)), params)

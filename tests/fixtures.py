@@ -273,3 +273,10 @@ def write_published_v4(model, path: Path, mtp: bool = True) -> None:
                   quantization_config=dict(activation_scheme="dynamic", fmt="e4m3", quant_method="fp8",
                                            scale_fmt="ue8m0", weight_block_size=[128, 128]))
     (path / "config.json").write_text(json.dumps(config, indent=1))
+
+
+def stable_topk(self, k, dim=-1, largest=True, sorted=True):
+    """torch.topk that breaks ties by the lower index, whatever the row's length (torch.topk's choice among ties
+    can depend on it): for tests that compare paths whose score rows differ in length (monkeypatch it in)."""
+    idx = torch.argsort(-self if largest else self, dim=dim, stable=True).narrow(dim, 0, k)
+    return torch.return_types.topk((self.gather(dim, idx), idx))

@@ -25,6 +25,34 @@ def batch_buckets(max_batch: int) -> list[int]:
     return sorted(set(sizes + [max_batch]))
 
 
+@torch.inference_mode()
+def capture_graphs(keys: list, forward, device: torch.device) -> tuple[dict, dict, object]:
+    """One graph per key, in the order given (largest first, so the later ones reuse the first one's memory pool),
+    each recording `forward(key)` after one eager warm-up call (autotuning and lazy allocations happen there).
+    Returns the graphs, their outputs (static tensors, refreshed by each replay) and the memory pool."""
+    graphs, outputs, pool = {}, {}, None
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        for key in keys:
+            forward(key)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool, stream=stream):
+                outputs[key] = forward(key)
+            pool = graph.pool()
+            graphs[key] = graph
+    torch.cuda.current_stream(device).wait_stream(stream)
+    torch.cuda.synchronize(device)
+    return graphs, outputs, pool
+
+
+def release_graphs(graphs: dict, device: torch.device) -> None:
+    torch.cuda.synchronize(device)
+    for graph in graphs.values():
+        graph.reset()
+    graphs.clear()
+
+
 class CudaGraphRunner:
     def __init__(self, model: torch.nn.Module, kv_caches: list[torch.Tensor], scratch_page: int, page_size: int,
                  max_batch: int, max_seq_len: int, device: torch.device):
@@ -55,28 +83,13 @@ class CudaGraphRunner:
         hidden = self.model(self.input_ids[:bs], self.kv_caches, self._metadata(bs))
         return self.model.compute_logits(hidden)
 
-    @torch.inference_mode()
     def capture(self) -> None:
         """Record one graph per bucket, largest first (so the smaller ones reuse its memory pool)."""
-        stream = torch.cuda.Stream(self.device)
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream):
-            for bs in reversed(self.buckets):
-                self._forward(bs)                           # warm-up: autotuning and lazy allocations happen here
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=self.pool, stream=stream):
-                    self.logits[bs] = self._forward(bs)
-                self.pool = graph.pool()
-                self.graphs[bs] = graph
-        torch.cuda.current_stream(self.device).wait_stream(stream)
-        torch.cuda.synchronize(self.device)
+        self.graphs, self.logits, self.pool = capture_graphs(list(reversed(self.buckets)), self._forward, self.device)
 
     def release(self) -> None:
         """Free the graphs and their memory pool (before a tensor-parallel group is left: see ParallelState)."""
-        torch.cuda.synchronize(self.device)
-        for graph in self.graphs.values():
-            graph.reset()
-        self.graphs.clear()
+        release_graphs(self.graphs, self.device)
         self.logits.clear()
         self.pool = None
 

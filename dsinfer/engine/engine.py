@@ -157,7 +157,7 @@ class Engine:
             num_slots = config.max_num_seqs + 1    # one per running sequence, one for scoring (iter_logits)
             self.cache = V4Cache(self.args, self._num_pages(), config.page_size, num_slots, self.dtype, self.device)
             self.block_manager = V4BlockManager(self.cache.num_pages, config.page_size, num_slots)
-            self.runner = V4ModelRunner(self.model, self.cache, self.device)     # eager: no CUDA graphs yet
+            self.runner = V4ModelRunner(self.model, self.cache, self.device)
         else:
             self.cache = KVCache(self.args, self._num_pages(), config.page_size, self.dtype, self.device)
             self.block_manager = BlockManager(self.cache.num_pages, config.page_size,
@@ -166,14 +166,13 @@ class Engine:
                 self.runner = LockstepRunner(self.model, self.cache, self.device, self.parallel)
             else:
                 self.runner = ModelRunner(self.model, self.cache, self.device)
-            if self.device.type == "cuda" and not config.enforce_eager:
-                if backend != "triton" or moe_backend != "triton":
-                    raise ValueError("CUDA graphs need attn_backend and moe_backend 'triton' (the torch twins wait "
-                                     "for the host); use them, or set enforce_eager")
-                self.runner.capture_cuda_graphs(min(config.cuda_graph_max_batch, config.max_num_seqs),
-                                                self.max_model_len)
-                if self.parallel.world_size > 1:     # NCCL's teardown waits for graphs holding its collectives
-                    self.parallel.before_leaving.append(self.runner.graphs.release)
+        if self.device.type == "cuda" and not config.enforce_eager:
+            if backend != "triton" or moe_backend != "triton":
+                raise ValueError("CUDA graphs need attn_backend and moe_backend 'triton' (the torch twins wait "
+                                 "for the host); use them, or set enforce_eager")
+            self.runner.capture_cuda_graphs(min(config.cuda_graph_max_batch, config.max_num_seqs), self.max_model_len)
+            if self.parallel.world_size > 1:     # NCCL's teardown waits for graphs holding its collectives
+                self.parallel.before_leaving.append(self.runner.graphs.release)
         self.scheduler = Scheduler(config, self.block_manager)
         self.async_scheduling = (self.parallel.world_size == 1 and
                                  (config.async_scheduling or (config.async_scheduling is None and

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from ..models.args_v4 import CSA, SLIDING, ModelArgsV4
+from ..models.v4_state import V4DecodeBatch
 
 
 @dataclass(frozen=True)
@@ -66,31 +67,67 @@ def v4_cache_bytes(args: ModelArgsV4, page_size: int, dtype: torch.dtype) -> tup
 
 
 class V4Cache:
+    """Every layer's state of every sequence. Per layer, the attention's rows are one pool (N, head_dim): the state
+    slots' window rings first, then (compressed layers) the pages of entries, so a decode step's sparse attention
+    reads window rows and entries of all sequences through one index table. One slot and one page beyond those
+    handed out are scratch: decode steps write there for rows that complete no window and for CUDA-graph padding."""
+
     def __init__(self, args: ModelArgsV4, num_pages: int, page_size: int, num_slots: int, dtype: torch.dtype,
                  device: torch.device):
         if num_pages < 1 or num_slots < 1:
             raise ValueError("the KV cache budget is too small for one page and one sequence's state; raise "
                              "cpu_cache_gib (CPU) or gpu_memory_utilization (GPU), or lower max_num_seqs")
         self.num_pages, self.page_size, self.num_slots = num_pages, page_size, num_slots
-        count = {"slot": num_slots, "page": num_pages}
+        self.scratch_slot, self.scratch_page = num_slots, num_pages
+        self.window_size = args.window_size
+        count = {"slot": num_slots + 1, "page": num_pages + 1}
+        self.pools: list[torch.Tensor] = []
         # layers[i][group][name]: group is "window", "compressor" or "indexer"
-        self.layers = [{group: {name: torch.zeros(count[p.owner], *p.shape, device=device,
-                                                  dtype=torch.float32 if p.float32 else dtype)
-                                for name, p in parts.items()}
-                        for group, parts in _layer_parts(args, i, page_size).items()}
-                       for i in range(args.n_layers)]
+        self.layers: list[dict[str, dict[str, torch.Tensor]]] = []
+        for i in range(args.n_layers):
+            parts = _layer_parts(args, i, page_size)
+            ring, entries = parts["window"]["ring"], parts.get("compressor", {}).get("entries")
+            ring_rows = count["slot"] * ring.shape[0]
+            entry_rows = count["page"] * entries.shape[0] if entries else 0
+            pool = torch.zeros(ring_rows + entry_rows, args.head_dim, device=device, dtype=dtype)
+            layer = {group: {name: torch.zeros(count[p.owner], *p.shape, device=device,
+                                               dtype=torch.float32 if p.float32 else dtype)
+                             for name, p in group_parts.items() if (group, name) != ("compressor", "entries")}
+                     for group, group_parts in parts.items() if group != "window"}
+            layer["window"] = {"ring": pool[:ring_rows].view(count["slot"], *ring.shape)}
+            if entries:
+                layer["compressor"]["entries"] = pool[ring_rows:].view(count["page"], *entries.shape)
+            self.pools.append(pool)
+            self.layers.append(layer)
         self.ratios = args.compress_ratios
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for layer in self.layers for group in layer.values()
-                   for t in group.values())
+        pools = sum(t.numel() * t.element_size() for t in self.pools)
+        return pools + sum(t.numel() * t.element_size() for layer in self.layers for group, parts in layer.items()
+                           for name, t in parts.items() if group != "window" and (group, name) != ("compressor",
+                                                                                                    "entries"))
 
     def views(self, slot: int, block_table: torch.Tensor) -> list[SlotLayerState]:
         """One sequence's state in every layer, as the model reads it; block_table: (pages,) int64 on the
         cache's device."""
         return [SlotLayerState(layer, slot, block_table, self.page_size, ratio)
                 for layer, ratio in zip(self.layers, self.ratios)]
+
+    def decode_stores(self) -> list[DecodeLayerStore]:
+        """Every layer's state of all sequences at once, for decode batches (models/v4_state.V4DecodeBatch)."""
+        return [DecodeLayerStore(self, i) for i in range(len(self.layers))]
+
+    def entry_rows(self, block_tables: torch.Tensor, num_entries: dict[int, int]) -> dict[int, torch.Tensor]:
+        """For each compression ratio m: (B, num_entries[m]) int64, where entry w of sequence b lies among a
+        compressed layer's entry rows (entry w summarises tokens w*m .. and lives in the page of token w*m);
+        block_tables: (B, pages) int64, wide enough for the entries asked for."""
+        out = {}
+        for m, n in num_entries.items():
+            token = torch.arange(n, device=block_tables.device) * m                            # (E,)
+            out[m] = (block_tables[:, token // self.page_size] * -(-self.page_size // m)
+                      + token % self.page_size // m)
+        return out
 
 
 class SlotCompressorState:
@@ -155,3 +192,70 @@ class SlotLayerState:
     def keep_window(self, rows: torch.Tensor, end_pos: int) -> None:
         W = self.ring.shape[1]
         self.ring[self.slot, torch.arange(end_pos - rows.shape[0], end_pos, device=self.ring.device) % W] = rows
+
+
+class DecodeCompressorStore:
+    """A compressor's (or indexer's) state of every sequence, for decode steps of one new token per sequence."""
+
+    def __init__(self, t: dict[str, torch.Tensor], ratio: int, scratch_slot: int, scratch_row: int):
+        self.kv, self.score = t["kv"], t["score"]                                  # (slots, ratio, width)
+        self.prev_kv, self.prev_score = t.get("prev_kv"), t.get("prev_score")      # (slots, ratio, d) or None
+        self.entries = t["entries"].view(-1, t["entries"].shape[-1])               # (pages * rows, d)
+        self.ratio, self.scratch_slot, self.scratch_row = ratio, scratch_slot, scratch_row
+
+    def buffer(self, kv: torch.Tensor, score: torch.Tensor, batch: V4DecodeBatch) -> None:
+        """Each row's projections (B, width) into its window's buffer, at p % ratio."""
+        self.kv[batch.slots, batch.positions % self.ratio] = kv
+        self.score[batch.slots, batch.positions % self.ratio] = score
+
+    def window(self, batch: V4DecodeBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(kv, score) buffers of each row's window, (B, ratio, width); rows past p % ratio are stale."""
+        return self.kv[batch.slots], self.score[batch.slots]
+
+    def previous(self, batch: V4DecodeBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Overlap: first halves of each row's previous window, (B, ratio, d); stale in window 0."""
+        return self.prev_kv[batch.slots], self.prev_score[batch.slots]
+
+    def keep_previous(self, kv: torch.Tensor, score: torch.Tensor, complete: torch.Tensor,
+                      batch: V4DecodeBatch) -> None:
+        """Where `complete` (B,), this window's first halves become the previous window's."""
+        slots = torch.where(complete, batch.slots, self.scratch_slot)
+        self.prev_kv[slots] = kv
+        self.prev_score[slots] = score
+
+    def add_entries(self, entries: torch.Tensor, complete: torch.Tensor, batch: V4DecodeBatch) -> None:
+        """Where `complete` (B,), store entries[b] (B, d) as entry p // ratio of row b."""
+        rows = batch.entry_rows[self.ratio].gather(1, (batch.positions // self.ratio)[:, None]).squeeze(1)
+        self.entries[torch.where(complete, rows, self.scratch_row)] = entries
+
+
+class DecodeLayerStore:
+    """One layer's state of every sequence, for decode steps (the decode-side interface the V4 model's
+    Attention.decode reads): the pool of attention rows, the window ring inside it, the compressors'."""
+
+    def __init__(self, cache: V4Cache, layer_id: int):
+        layer, ratio = cache.layers[layer_id], cache.ratios[layer_id]
+        self.pool, self.ring, self.ratio = cache.pools[layer_id], layer["window"]["ring"], ratio
+        self.window_size = self.ring.shape[1]
+        self.entries_base = self.ring.shape[0] * self.window_size                  # pool row of the first entry
+        stores = {}
+        for group in ("compressor", "indexer"):
+            if group in layer:
+                rows_per_page = layer[group]["entries"].shape[1]
+                stores[group] = DecodeCompressorStore(layer[group], ratio, cache.scratch_slot,
+                                                      cache.scratch_page * rows_per_page)
+        self.compressor, self.indexer = stores.get("compressor"), stores.get("indexer")
+
+    def write_window(self, kv: torch.Tensor, batch: V4DecodeBatch) -> None:
+        """Each row's new key/value row (B, d) into its slot's ring, at p % window_size."""
+        self.ring[batch.slots, batch.positions % self.window_size] = kv
+
+    def window_rows(self, batch: V4DecodeBatch) -> torch.Tensor:
+        """(B, window_size) int64 pool rows of positions p, p - 1, .., p - window_size + 1 (-1 before 0)."""
+        W = self.window_size
+        pos = batch.positions[:, None] - torch.arange(W, device=batch.positions.device)      # (B, W)
+        return torch.where(pos >= 0, batch.slots[:, None] * W + pos % W, -1)
+
+    def entry_pool_rows(self, batch: V4DecodeBatch) -> torch.Tensor:
+        """(B, E) int64 pool rows of each row's entries 0 .. E - 1 (E from the batch's entry_rows)."""
+        return batch.entry_rows[self.ratio] + self.entries_base

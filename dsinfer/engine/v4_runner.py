@@ -1,5 +1,7 @@
 """V4ModelRunner: the DeepSeek-V4 twin of ModelRunner. Turns scheduled sequences into one flat batch, runs the
-V4 model over each sequence's state slot and pages (v4_cache.py), returns logits."""
+V4 model over each sequence's state slot and pages (v4_cache.py), returns logits. Steps of one new token per
+sequence take the model's batched decode path, replayed from CUDA graphs where they were captured
+(v4_cuda_graph.py); steps with prompts take the per-sequence path."""
 
 from __future__ import annotations
 
@@ -12,9 +14,10 @@ from ..checkpoint.loader_v4 import load_model_v4
 from ..config import EngineConfig
 from ..models.args_v4 import ModelArgsV4
 from ..models.deepseek_v4 import Transformer
-from ..models.v4_state import V4State
+from ..models.v4_state import V4DecodeBatch, V4State
 from .sequence import PENDING, Sequence, fill_pending
 from .v4_cache import V4Cache
+from .v4_cuda_graph import V4CudaGraphRunner
 
 
 @dataclass
@@ -34,6 +37,14 @@ class V4StepBatch:
 class V4ModelRunner:
     def __init__(self, model: torch.nn.Module, cache: V4Cache, device: torch.device):
         self.model, self.cache, self.device = model, cache, device
+        self.stores = cache.decode_stores()
+        self.ratios = sorted({m for m in cache.ratios if m})
+        self.graphs: V4CudaGraphRunner | None = None
+
+    def capture_cuda_graphs(self, max_batch: int, max_seq_len: int) -> None:
+        """Record decode steps of up to max_batch sequences as CUDA graphs (see v4_cuda_graph.py)."""
+        self.graphs = V4CudaGraphRunner(self, max_batch, max_seq_len)
+        self.graphs.capture()
 
     def build(self, seqs: list[Sequence], num_new: list[int], all_logits: bool = False) -> V4StepBatch:
         """The next num_new[i] uncached tokens of each sequence."""
@@ -47,7 +58,12 @@ class V4ModelRunner:
     @torch.inference_mode()
     def execute(self, batch: V4StepBatch, prev_tokens: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (float32) of each sequence's last new token, (B, V); or of every new token, (T, V).
-        prev_tokens: the previous step's sampled tokens on the device, for the batch's PENDING input ids."""
+        prev_tokens: the previous step's sampled tokens on the device, for the batch's PENDING input ids.
+        Steps of one new token per sequence run the batched decode path (a CUDA graph where one was captured)."""
+        if all(n == 1 for n in batch.num_new):
+            if self.graphs is not None and self.graphs.can_run(len(batch.num_new), max(batch.start_pos) + 1):
+                return self.graphs.run(batch, prev_tokens)
+            return self._decode(batch, prev_tokens)
         states = [V4State(self.cache.views(slot, torch.tensor(table, dtype=torch.int64, device=self.device)), p0)
                   for slot, table, p0 in zip(batch.state_slots, batch.block_tables, batch.start_pos)]
         input_ids = torch.tensor(batch.input_ids, dtype=torch.int64, device=self.device)
@@ -57,6 +73,27 @@ class V4ModelRunner:
             last = list(itertools.accumulate(batch.num_new))
             hidden = hidden[torch.tensor(last, device=self.device) - 1]
         return self.model.compute_logits(hidden)
+
+    def _decode(self, batch: V4StepBatch, prev_tokens: torch.Tensor | None) -> torch.Tensor:
+        """Eagerly, with shapes fitted to this batch."""
+        B = len(batch.num_new)
+        width = max(len(t) for t in batch.block_tables)
+        tables = [p for t in batch.block_tables for p in t + [self.cache.scratch_page] * (width - len(t))]
+        packed = torch.tensor(batch.input_ids + batch.start_pos + batch.state_slots + tables,
+                              dtype=torch.int64).to(self.device, non_blocking=True)
+        input_ids = packed[:B]
+        fill_pending(input_ids, batch.pending_pos, batch.pending_rows, prev_tokens)
+        last = max(batch.start_pos)
+        decode = self.decode_batch(input_ids, packed[B:2 * B], packed[2 * B:3 * B], packed[3 * B:].view(B, width),
+                                   {m: last // m + 1 for m in self.ratios})
+        return self.model.compute_logits(self.model.decode(decode))
+
+    def decode_batch(self, input_ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
+                     block_tables: torch.Tensor, num_entries: dict[int, int]) -> V4DecodeBatch:
+        """The model's view of a decode step (all (B,) int64; block_tables (B, pages) int64; num_entries: entry
+        rows to address per compression ratio, more than any row's p // ratio)."""
+        return V4DecodeBatch(input_ids, positions, slots, self.cache.entry_rows(block_tables, num_entries),
+                             self.stores)
 
     def run(self, seqs: list[Sequence], num_new: list[int], all_logits: bool = False,
             prev_tokens: torch.Tensor | None = None) -> torch.Tensor:

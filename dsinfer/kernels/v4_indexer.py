@@ -33,6 +33,18 @@ def indexer_scores_torch(q: torch.Tensor, keys: torch.Tensor, w: torch.Tensor, p
     return index.masked_fill(~visible, float("-inf"))
 
 
+def indexer_scores_rows_torch(q: torch.Tensor, keys: torch.Tensor, rows: torch.Tensor, w: torch.Tensor,
+                              positions: torch.Tensor, ratio: int) -> torch.Tensor:
+    """A batch of sequences, one query each: q (B, H, d); keys (N, d) holding every sequence's entries; rows (B, E)
+    int64, rows[b, t] = where entry t of sequence b lies in keys (anything where it is not visible); w (B, H) float32;
+    positions (B,) int64. Returns (B, E) float32 index scores, -inf where t >= (position + 1) // ratio."""
+    E = rows.shape[1]
+    visible = torch.arange(E, device=q.device)[None] < ((positions + 1) // ratio)[:, None]
+    k = keys[torch.where(visible, rows, 0)]                                             # (B, E, d)
+    index = (torch.einsum("bhd,btd->bht", q.float(), k.float()).relu() * w.unsqueeze(-1)).sum(dim=1)
+    return index.masked_fill(~visible, float("-inf"))
+
+
 def indexer_topk_torch(q: torch.Tensor, keys: torch.Tensor, w: torch.Tensor, positions: torch.Tensor, ratio: int,
                        topk: int) -> torch.Tensor:
     """Arguments as indexer_scores_torch. Returns (S, min(topk, n)) int64: the entries each query keeps, highest
@@ -67,6 +79,22 @@ def indexer_scores(q: torch.Tensor, keys: torch.Tensor, w: torch.Tensor, positio
     if S and n:
         from .v4_indexer_triton import launch
         launch(q, keys, w, positions, ratio, out)
+    return out
+
+
+def indexer_scores_rows(q: torch.Tensor, keys: torch.Tensor, rows: torch.Tensor, w: torch.Tensor,
+                        positions: torch.Tensor, ratio: int) -> torch.Tensor:
+    """The Triton kernel; arguments and result as indexer_scores_rows_torch (all contiguous). Work and reads grow
+    with each row's visible entries, not with E."""
+    _check(q, keys, w, positions, ratio)
+    check_tensor("rows", rows, (torch.int64,), 2)
+    check_device(q=q, rows=rows)
+    if rows.shape[0] != q.shape[0]:
+        raise ValueError(f"rows {tuple(rows.shape)} needs one row (B, E) per query of q {tuple(q.shape)}")
+    out = torch.empty(rows.shape, dtype=torch.float32, device=q.device)
+    if out.numel():
+        from .v4_indexer_triton import launch
+        launch(q, keys, w, positions, ratio, out, rows)
     return out
 
 

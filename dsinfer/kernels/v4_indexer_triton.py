@@ -12,14 +12,17 @@ from .triton_common import interpreting
 @triton.jit
 def _indexer_scores_kernel(
     # pointers
-    q_ptr, k_ptr, w_ptr, pos_ptr, out_ptr,
+    q_ptr, k_ptr, rows_ptr, w_ptr, pos_ptr, out_ptr,
     # sizes
     H, N, D, ratio,
     # strides (elements)
-    stride_qs, stride_qh, stride_kn, stride_ws, stride_os,
+    stride_qs, stride_qh, stride_kn, stride_rs, stride_ws, stride_os,
     # constexprs
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr,
+    ROWS: tl.constexpr,
 ):
+    # ROWS: query s's entry t is keys[rows[s, t]] (each query has its own entries, e.g. a batch of sequences whose
+    # entries lie in pages); otherwise entry t is keys[t] for every query
     s = tl.program_id(0).to(tl.int64)              # the query row; int64 so s * stride_os cannot overflow
     n0 = tl.program_id(1) * BLOCK_N
     ts = n0 + tl.arange(0, BLOCK_N)                # the key block's entries
@@ -32,7 +35,11 @@ def _indexer_scores_kernel(
     acc = tl.zeros((BLOCK_N,), tl.float32)        # I[s, block] = sum_h w[s, h] * relu(q_h . K_t)
     if n0 < limit:                                 # a block wholly past the visible prefix is not computed
         # the key block, transposed: (BLOCK_D, BLOCK_N); hidden entries and padded dims read as 0 (and not read)
-        kT = tl.load(k_ptr + ts[None, :] * stride_kn + dims[:, None], mask=d_ok[:, None] & visible[None, :],
+        if ROWS:
+            key_rows = tl.load(rows_ptr + s * stride_rs + ts, mask=visible, other=0).to(tl.int64)
+        else:
+            key_rows = ts.to(tl.int64)
+        kT = tl.load(k_ptr + key_rows[None, :] * stride_kn + dims[:, None], mask=d_ok[:, None] & visible[None, :],
                      other=0.0)
         for h0 in range(0, H, BLOCK_H):
             heads = h0 + tl.arange(0, BLOCK_H)
@@ -53,10 +60,10 @@ def _indexer_scores_kernel(
 
 
 def launch(q: torch.Tensor, keys: torch.Tensor, w: torch.Tensor, positions: torch.Tensor, ratio: int,
-           out: torch.Tensor) -> None:
-    """Checked by v4_indexer.indexer_scores; writes out (S, n) float32."""
+           out: torch.Tensor, rows: torch.Tensor | None = None) -> None:
+    """Checked by v4_indexer.indexer_scores (or indexer_scores_rows, with rows (S, n)); writes out (S, n) float32."""
     S, H, D = q.shape
-    N = keys.shape[0]
+    N = out.shape[1]
     BLOCK_H = max(16, min(64, triton.next_power_of_2(H)))   # tl.dot needs at least 16 rows; padded heads masked
     BLOCK_N = 64
     BLOCK_D = max(16, triton.next_power_of_2(D))            # one block holds a whole head (d = 128 in V4)
@@ -65,8 +72,8 @@ def launch(q: torch.Tensor, keys: torch.Tensor, w: torch.Tensor, positions: torc
     ieee = q.dtype == torch.float32 or interpreting()
     grid = (S, triton.cdiv(N, BLOCK_N))
     _indexer_scores_kernel[grid](
-        q, keys, w, positions, out,
+        q, keys, keys if rows is None else rows, w, positions, out,
         H, N, D, ratio,
-        q.stride(0), q.stride(1), keys.stride(0), w.stride(0), out.stride(0),
-        BLOCK_H=BLOCK_H, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, IEEE=ieee,
+        q.stride(0), q.stride(1), keys.stride(0), 0 if rows is None else rows.stride(0), w.stride(0), out.stride(0),
+        BLOCK_H=BLOCK_H, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, IEEE=ieee, ROWS=rows is not None,
         num_warps=4 if BLOCK_D <= 128 else 8)

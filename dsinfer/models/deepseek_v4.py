@@ -5,7 +5,9 @@ v4_moe, hyper_connections; what a sequence carries between calls is in v4_state.
 
 A forward pass takes a flat batch of new tokens from several sequences (any number each: a whole prompt, a chunk
 of one, or one decode token) together with each sequence's V4State; attention runs per sequence, everything
-else on the flat batch. The MTP block (mtp.*) is not built.
+else on the flat batch. `decode` runs one new token per sequence against stores that hold every sequence's state
+(the engine's slots and pages), with no per-sequence code or host value, so the engine can capture it as a CUDA
+graph. The MTP block (mtp.*) is not built.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from .layers import Embedding, Linear, RMSNorm
 from .rope import rope_cos_sin
 from .v4_attention import Attention
 from .v4_moe import MoE
-from .v4_state import V4Batch, V4State
+from .v4_state import V4Batch, V4DecodeBatch, V4State
 
 
 def _fp32(*shape: int) -> nn.Parameter:
@@ -39,13 +41,17 @@ class Block(nn.Module):
         self.hc_attn_fn, self.hc_attn_base, self.hc_attn_scale = _fp32(mix, hc_dim), _fp32(mix), _fp32(3)
         self.hc_ffn_fn, self.hc_ffn_base, self.hc_ffn_scale = _fp32(mix, hc_dim), _fp32(mix), _fp32(3)
 
-    def forward(self, x: torch.Tensor, batch: V4Batch, layer_id: int, rope_table: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, batch: V4Batch | V4DecodeBatch, layer_id: int,
+                rope_table: torch.Tensor) -> torch.Tensor:
         """x: (T, hc, D) streams -> (T, hc, D)."""
-        states = [s.layers[layer_id] for s in batch.states]
         k = self.attn_backend == "triton"
         y, post, comb = hc_pre(x, self.hc_attn_fn, self.hc_attn_scale, self.hc_attn_base, self.hc_iters,
                                self.hc_eps, self.norm_eps, k)
-        x = hc_post(self.attn(self.attn_norm(y), batch, states, rope_table), x, post, comb, k)
+        if isinstance(batch, V4DecodeBatch):
+            a = self.attn.decode(self.attn_norm(y), batch, batch.layers[layer_id], rope_table)
+        else:
+            a = self.attn(self.attn_norm(y), batch, [s.layers[layer_id] for s in batch.states], rope_table)
+        x = hc_post(a, x, post, comb, k)
         y, post, comb = hc_pre(x, self.hc_ffn_fn, self.hc_ffn_scale, self.hc_ffn_base, self.hc_iters,
                                self.hc_eps, self.norm_eps, k)
         return hc_post(self.ffn(self.ffn_norm(y), batch.token_ids), x, post, comb, k)
@@ -100,13 +106,21 @@ class Transformer(nn.Module):
         if not self.rope_tables or self.rope_tables["main"].shape[0] < end:
             self.init_rope(max(end, 2 * self.rope_tables["main"].shape[0] if self.rope_tables else end), device)
         batch = V4Batch(starts, list(num_new), start_pos, positions, input_ids, states)
+        h = self._layers(input_ids, batch)
+        for s, n in zip(states, num_new):
+            s.num_tokens += n
+        return h
 
+    def decode(self, batch: V4DecodeBatch) -> torch.Tensor:
+        """One new token per sequence, batch.token_ids (B,), against the states in batch.layers (the rotary
+        tables must cover every position: init_rope). Returns the final hidden states (B, D), normalised."""
+        return self._layers(batch.token_ids, batch)
+
+    def _layers(self, input_ids: torch.Tensor, batch: V4Batch | V4DecodeBatch) -> torch.Tensor:
         h = self.embed(input_ids)
         x = h.unsqueeze(1).expand(-1, self.args.hc_mult, -1).contiguous()            # (T, hc, D)
         for i, layer in enumerate(self.layers):
             x = layer(x, batch, i, self.rope_tables[layer.attn.rope_kind])
-        for s, n in zip(states, num_new):
-            s.num_tokens += n
         y = hc_head(x, self.hc_head_fn, self.hc_head_scale, self.hc_head_base, self.args.hc_eps, self.args.norm_eps)
         return self.norm(y)
 

@@ -26,7 +26,7 @@ from .layers import Linear, RMSNorm
 from .rope import apply_rotary
 from .v4_compressor import KV_QAT_BLOCK, Compressor
 from .v4_indexer import Indexer, visible_entries
-from .v4_state import CompressorState, LayerState, V4Batch
+from .v4_state import CompressorState, LayerState, V4Batch, V4DecodeBatch
 
 
 def rms_unweighted(x: torch.Tensor, eps: float) -> torch.Tensor:
@@ -74,16 +74,7 @@ class Attention(nn.Module):
                 rope_table: torch.Tensor) -> torch.Tensor:
         """x: (T, D) normalised sublayer input of the flat batch; rope_table: (positions, rope/2, 2) of this
         layer's RoPE. Updates each sequence's state; returns (T, D)."""
-        T = x.shape[0]
-        rd = self.rope_head_dim
-        cos_sin = rope_table[batch.positions]                                       # (T, rope/2, 2)
-        qr = self.q_norm(self.wq_a(x))                                              # (T, q_lora)
-        q = rms_unweighted(self.wq_b(qr).view(T, self.n_heads, self.head_dim), self.eps)
-        q = torch.cat([q[..., :-rd], apply_rotary(q[..., -rd:], cos_sin)], dim=-1)   # (T, H, head_dim)
-        kv = self.kv_norm(self.wkv(x))
-        kv = torch.cat([kv[:, :-rd], apply_rotary(kv[:, -rd:], cos_sin)], dim=-1)    # (T, head_dim)
-        if self.simulate_qat:
-            kv = torch.cat([fp8_act_quant_dequant_torch(kv[:, :-rd], KV_QAT_BLOCK), kv[:, -rd:]], dim=-1)
+        q, kv, qr, cos_sin = self._project(x, batch.positions, rope_table)
 
         # Projections for the whole batch at once; then, sequence by sequence, the stateful parts (compressor
         # windows, indexer, window rows), each sequence's keys gathered into one pool for one attention launch.
@@ -111,6 +102,47 @@ class Attention(nn.Module):
         width = max(i.shape[1] for i in index_rows)
         indices = torch.cat([F.pad(i, (0, width - i.shape[1]), value=-1) for i in index_rows])
         pool = torch.cat(pools)                                                     # (all sequences' keys, d)
+        return self._attend_and_project(q, pool, indices, cos_sin)
+
+    def decode(self, x: torch.Tensor, batch: V4DecodeBatch, store, rope_table: torch.Tensor) -> torch.Tensor:
+        """One new token per sequence: x (B, D) at batch.positions, every sequence's state in `store` (engine/
+        v4_cache.py DecodeLayerStore, whose pool holds the window rows and entries of all of them). The same
+        keys as `forward` in the same order (window rows newest first, then the entries), without a loop over
+        sequences or a host value, so the step can be a CUDA graph. Returns (B, D)."""
+        q, kv, qr, cos_sin = self._project(x, batch.positions, rope_table)
+        store.write_window(kv, batch)
+        indices = store.window_rows(batch)                                          # (B, W) pool rows
+        if self.kind != SLIDING:
+            self.compressor.decode(x, batch, store.compressor, rope_table, self.simulate_qat)
+            rows = store.entry_pool_rows(batch)                                     # (B, E) pool rows of entries
+            if self.indexer is not None:
+                picked = self.indexer.decode(x, qr, batch, store.indexer, rope_table, self.simulate_qat)
+                entries = torch.where(picked >= 0, rows.gather(1, picked.clamp(min=0)), -1)
+            else:                                                                   # HCA: every visible entry
+                visible = torch.arange(rows.shape[1], device=x.device)[None] < \
+                    ((batch.positions + 1) // self.ratio)[:, None]
+                entries = torch.where(visible, rows, -1)
+            indices = torch.cat([indices, entries], dim=1)
+        return self._attend_and_project(q, store.pool, indices, cos_sin)
+
+    def _project(self, x: torch.Tensor, positions: torch.Tensor, rope_table: torch.Tensor) -> tuple:
+        """x (T, D) at positions -> queries (T, H, head_dim), the key/value row (T, head_dim) (rotated, QAT-rounded),
+        the query LoRA activation qr (T, q_lora) and the rotary table rows (T, rope/2, 2)."""
+        T, rd = x.shape[0], self.rope_head_dim
+        cos_sin = rope_table[positions]                                             # (T, rope/2, 2)
+        qr = self.q_norm(self.wq_a(x))                                              # (T, q_lora)
+        q = rms_unweighted(self.wq_b(qr).view(T, self.n_heads, self.head_dim), self.eps)
+        q = torch.cat([q[..., :-rd], apply_rotary(q[..., -rd:], cos_sin)], dim=-1)   # (T, H, head_dim)
+        kv = self.kv_norm(self.wkv(x))
+        kv = torch.cat([kv[:, :-rd], apply_rotary(kv[:, -rd:], cos_sin)], dim=-1)    # (T, head_dim)
+        if self.simulate_qat:
+            kv = torch.cat([fp8_act_quant_dequant_torch(kv[:, :-rd], KV_QAT_BLOCK), kv[:, -rd:]], dim=-1)
+        return q, kv, qr, cos_sin
+
+    def _attend_and_project(self, q: torch.Tensor, pool: torch.Tensor, indices: torch.Tensor,
+                            cos_sin: torch.Tensor) -> torch.Tensor:
+        """Sparse attention of q (T, H, d) over pool rows `indices` (T, K) (-1 = none), then the output side."""
+        T, rd = q.shape[0], self.rope_head_dim
         if self.attn_backend == "triton":
             o = sparse_attention(q.contiguous(), pool.contiguous(), indices.to(torch.int32).contiguous(),
                                  self.attn_sink, self.softmax_scale)
@@ -120,7 +152,7 @@ class Attention(nn.Module):
         # Undo the rotation the values carried: rotate the output's rope part by minus the query angle.
         o = torch.cat([o[..., :-rd], apply_rotary(o[..., -rd:], cos_sin * cos_sin.new_tensor([1.0, -1.0]))], -1)
         o = o.view(T, self.o_groups, -1)                                            # (T, G, H/G * head_dim)
-        wo_a = self.wo_a.dense(x.dtype).view(self.o_groups, self.o_lora_rank, -1)
+        wo_a = self.wo_a.dense(q.dtype).view(self.o_groups, self.o_lora_rank, -1)
         z = torch.einsum("tgd,grd->tgr", o, wo_a)                                   # (T, G, o_lora)
         return self.wo_b(z.flatten(1))
 

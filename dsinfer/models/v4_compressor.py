@@ -17,7 +17,7 @@ from torch import nn
 from ..kernels.fp4 import fp4_act_quant_dequant_torch, fp8_act_quant_dequant_torch
 from ..kernels.v4_compress import compress_pool, compress_pool_torch
 from .layers import RMSNorm
-from .v4_state import CompressorState
+from .v4_state import CompressorState, V4DecodeBatch
 
 KV_QAT_BLOCK = 64        # FP8 QAT block of the key/value non-rotary dims
 
@@ -84,9 +84,38 @@ class Compressor(nn.Module):
             return state.read_entries(first) if first else x.new_zeros(0, d)
         # softmax pool over the window -> RMSNorm -> rotary at each window's first token (kernels/v4_compress.py)
         positions = (first + torch.arange(n, device=x.device)) * m
+        entries = self._pool(kv, score, rope_table[positions], simulate_qat, x.dtype)   # (n, d)
+        state.add_entries(entries, first)
+        return state.read_entries(first + n)
+
+    def decode(self, x: torch.Tensor, batch: V4DecodeBatch, store, rope_table: torch.Tensor, simulate_qat: bool,
+               projected: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+        """One new token per sequence (x: (B, D) at batch.positions): buffer its projections; where it completes
+        a window (p + 1 divisible by ratio), pool the window into entry p // ratio and store it. Every row is
+        pooled, whole or not (a CUDA graph cannot branch on positions); `store` (engine/v4_cache.py
+        DecodeCompressorStore) keeps only the complete ones."""
+        m, d = self.ratio, self.head_dim
+        p = batch.positions
+        kv, score = projected if projected is not None else self.project(x)         # (B, width) each
+        store.buffer(kv, score + self.ape[p % m], batch)
+        kv, score = store.window(batch)                                              # (B, m, width)
+        complete = (p + 1) % m == 0
+        if self.overlap:        # slots: the previous window's first halves (none in window 0), then this one's second
+            prev_kv, prev_score = store.previous(batch)                              # (B, m, d)
+            first = (p < m)[:, None, None]
+            prev_kv, prev_score = prev_kv.masked_fill(first, 0.0), prev_score.masked_fill(first, float("-inf"))
+            store.keep_previous(kv[..., :d], score[..., :d], complete, batch)
+            kv, score = torch.cat([prev_kv, kv[..., d:]], dim=1), torch.cat([prev_score, score[..., d:]], dim=1)
+        entries = self._pool(kv, score, rope_table[p // m * m], simulate_qat, x.dtype)   # (B, d)
+        store.add_entries(entries, complete, batch)
+
+    def _pool(self, kv: torch.Tensor, score: torch.Tensor, cos_sin: torch.Tensor, simulate_qat: bool,
+              dtype: torch.dtype) -> torch.Tensor:
+        """Windows (n, slots, d) -> entries (n, d): softmax pool, RMSNorm and rotary (kernels/v4_compress.py),
+        then the Hadamard rotation (indexer) and the QAT rounding."""
         pool = compress_pool if self.attn_backend == "triton" else compress_pool_torch
-        entries = pool(kv.contiguous(), score.contiguous(), self.norm.weight, rope_table[positions].contiguous(),
-                       self.norm.eps, x.dtype)                                       # (n, d)
+        entries = pool(kv.contiguous(), score.contiguous(), self.norm.weight, cos_sin.contiguous(), self.norm.eps,
+                       dtype)
         rd = self.rope_head_dim
         if self.rotate:
             entries = hadamard(entries)
@@ -94,8 +123,7 @@ class Compressor(nn.Module):
                 entries = fp4_act_quant_dequant_torch(entries)
         elif simulate_qat:
             entries = torch.cat([fp8_act_quant_dequant_torch(entries[:, :-rd], KV_QAT_BLOCK), entries[:, -rd:]], -1)
-        state.add_entries(entries, first)
-        return state.read_entries(first + n)
+        return entries
 
 
 class _Fp32Weight(nn.Module):

@@ -11,12 +11,12 @@ import torch
 from torch import nn
 
 from ..kernels.fp4 import fp4_act_quant_dequant_torch
-from ..kernels.v4_indexer import indexer_topk, indexer_topk_torch
+from ..kernels.v4_indexer import indexer_scores_rows, indexer_scores_rows_torch, indexer_topk, indexer_topk_torch
 from .args_v4 import ModelArgsV4
 from .layers import Linear
 from .rope import apply_rotary
 from .v4_compressor import Compressor, hadamard
-from .v4_state import CompressorState
+from .v4_state import CompressorState, V4DecodeBatch
 
 
 def visible_entries(n: int, positions: torch.Tensor, ratio: int) -> torch.Tensor:
@@ -75,3 +75,23 @@ class Indexer(nn.Module):
         # choice among ties can depend on the row length, so batched and alone may then pick different entries.
         topk = indexer_topk if self.attn_backend == "triton" else indexer_topk_torch
         return topk(q.contiguous(), keys.contiguous(), w.contiguous(), positions, self.ratio, self.topk)
+
+    def decode(self, x: torch.Tensor, qr: torch.Tensor, batch: V4DecodeBatch, store, rope_table: torch.Tensor,
+               simulate_qat: bool) -> torch.Tensor:
+        """One new token per sequence (x (B, D), qr (B, q_lora) at batch.positions), its indexer state in `store`
+        (engine/v4_cache.py DecodeCompressorStore). Returns the entries each query attends to, (B, min(index_topk,
+        E)) int64, as `forward` picks them: every visible one in order while a sequence has at most index_topk,
+        else the top index_topk by score (E = batch.entry_rows[ratio].shape[1] bounds the entries of any row)."""
+        p = batch.positions
+        rows = batch.entry_rows[self.ratio]                                           # (B, E)
+        E = rows.shape[1]
+        q, w, kv_score = self.project(x, qr, p, rope_table, simulate_qat, score=E > self.topk)
+        self.compressor.decode(x, batch, store, rope_table, simulate_qat, kv_score)
+        n = (p + 1) // self.ratio                                                     # visible entries per row
+        every = torch.arange(min(E, self.topk), device=x.device)[None]
+        every = every.masked_fill(every >= n[:, None], -1)
+        if E <= self.topk:                   # no row can have more than index_topk entries: no scoring
+            return every
+        scores = indexer_scores_rows if self.attn_backend == "triton" else indexer_scores_rows_torch
+        top = scores(q.contiguous(), store.entries, rows, w.contiguous(), p, self.ratio).topk(self.topk, dim=-1)
+        return torch.where((n <= self.topk)[:, None], every, top.indices)

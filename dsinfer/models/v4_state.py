@@ -93,3 +93,18 @@ class V4Batch:
 
     def rows(self, b: int) -> slice:
         return slice(self.starts[b], self.starts[b] + self.lengths[b])
+
+
+@dataclass
+class V4DecodeBatch:
+    """B sequences with one new token each, decoded against stores that hold every sequence's state at once (the
+    engine's slots and pages, engine/v4_cache.py: `layers[i]` is layer i's store). Everything is a device tensor,
+    so a decode step needs no host values and can be a CUDA graph; rows that complete no window still pool one,
+    and the stores send such writes to scratch."""
+
+    token_ids: torch.Tensor                # (B,) int64 (hash routing reads them)
+    positions: torch.Tensor                # (B,) int64: the new token's position
+    slots: torch.Tensor                    # (B,) int64: each sequence's state slot
+    entry_rows: dict[int, torch.Tensor]    # ratio m -> (B, E_m) int64: where entry w of row b lies among a layer's
+                                           # entry rows; E_m > every row's p // m
+    layers: list = field(default_factory=list)

@@ -6,7 +6,14 @@ prefix that ends exactly on a block boundary, queries that see no entry and quer
 import pytest
 import torch
 
-from dsinfer.kernels.v4_indexer import indexer_scores, indexer_scores_torch, indexer_topk, indexer_topk_torch
+from dsinfer.kernels.v4_indexer import (
+    indexer_scores,
+    indexer_scores_rows,
+    indexer_scores_rows_torch,
+    indexer_scores_torch,
+    indexer_topk,
+    indexer_topk_torch,
+)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"     # CPU: Triton's interpreter (set in conftest)
 RATIO = 4
@@ -135,6 +142,48 @@ def test_topk_kernel_picks_the_twins_scores(S, H, d, n, dtype, k):
     got = indexer_topk(q.to(DEVICE), keys.to(DEVICE), w.to(DEVICE), positions.to(DEVICE), RATIO, k).cpu()
     assert torch.equal(got == -1, want == -1)
     check_topk(got, scores, positions, RATIO, min(k, n))
+
+
+def rows_case(B, H, d, E, dtype, seed):
+    """B queries, each with its own E entries scattered among one keys tensor (shared rows too), at positions that
+    see 0, 1, a block boundary's worth (64), all E and more; rows past a query's visible entries hold garbage."""
+    g = torch.Generator().manual_seed(seed)
+    N = 3 * E + 5
+    q = torch.randn(B, H, d, generator=g).to(dtype)
+    keys = torch.randn(N, d, generator=g).to(dtype)
+    w = torch.randn(B, H, generator=g) * (H * d) ** -0.5
+    rows = torch.stack([torch.randperm(N, generator=g)[:E] for _ in range(B)])
+    positions = torch.tensor([0, 7, 4 * 64 - 1, 4 * E - 1, 4 * E + 9][:B])
+    limit = (positions + 1) // RATIO
+    rows = torch.where(torch.arange(E)[None] < limit[:, None], rows, 10**9)          # never read where hidden
+    return q, keys, rows, w, positions
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("B,H,d,E", [(1, 4, 32, 1), (5, 3, 48, 17), (5, 4, 32, 70)])
+def test_rows_twin_and_kernel_equal_each_rows_own_scores(B, H, d, E, dtype):
+    """Row b's scores equal the plain scores of query b over its own gathered keys (the loop reference on them);
+    the kernel equals the twin."""
+    q, keys, rows, w, positions = rows_case(B, H, d, E, dtype, seed=3)
+    want = torch.full((B, E), float("-inf"), dtype=torch.float64)
+    for b in range(B):
+        seen = min(E, (int(positions[b]) + 1) // RATIO)
+        want[b, :seen] = loop_reference(q[b:b + 1], keys[rows[b, :seen]], w[b:b + 1], positions[b:b + 1], RATIO)[0]
+    twin = indexer_scores_rows_torch(q, keys, rows, w, positions, RATIO)
+    assert twin.dtype == torch.float32 and twin.shape == (B, E)
+    torch.testing.assert_close(twin.double(), want, atol=1e-5, rtol=1e-5)
+    pytest.importorskip("triton")
+    got = indexer_scores_rows(*(t.to(DEVICE) for t in (q, keys, rows, w, positions)), RATIO).cpu()
+    assert torch.equal(got.isneginf(), twin.isneginf())
+    torch.testing.assert_close(got, twin, atol=1e-5, rtol=1e-5)
+
+
+def test_rows_kernel_checks_its_rows():
+    q, keys, rows, w, positions = (t.to(DEVICE) for t in rows_case(5, 4, 32, 17, torch.float32, seed=4))
+    with pytest.raises(TypeError, match="rows must be int64; got int32"):
+        indexer_scores_rows(q, keys, rows.int(), w, positions, RATIO)
+    with pytest.raises(ValueError, match="needs one row"):
+        indexer_scores_rows(q, keys, rows[:4].contiguous(), w, positions, RATIO)
 
 
 @pytest.mark.parametrize("S,n", [(3, 0), (0, 5), (0, 0)])
