@@ -94,7 +94,9 @@ class MLA(nn.Module):
             from ..kernels.norm_rope_triton import rotary as rotate
         else:
             rotate = apply_rotary
-        q_pe = rotate(q_pe, cos_sin)
+        rope_in_attention = triton_backend and self.attn_impl == "absorb"   # the attention kernel rotates q_pe
+        if not rope_in_attention:
+            q_pe = rotate(q_pe, cos_sin)
 
         if triton_backend:             # kv_norm, the key's rotation and the cache write in one launch
             norm_rope_store(kv_cache, attn.slot_mapping, kv, self.kv_norm.weight, self.kv_norm.eps, cos_sin)
@@ -109,7 +111,8 @@ class MLA(nn.Module):
             q_latent = torch.einsum("thd,hdr->thr", q_nope, wkv_b[:, :self.qk_nope_head_dim])   # (T, H, R)
             if triton_backend:
                 o = mla_attention_triton(q_latent, q_pe, kv_cache, attn.block_tables, attn.cu_seqlens_q,
-                                         attn.seq_lens, self.softmax_scale, attn.max_query_len, attn.max_seq_len)
+                                         attn.seq_lens, self.softmax_scale, attn.max_query_len, attn.max_seq_len,
+                                         cos_sin=cos_sin)
             else:
                 o = mla_attention_torch(q_latent, q_pe, kv_cache, attn.block_tables, attn.query_start_loc,
                                         attn.context_lens, self.softmax_scale)                # (T, H, R)

@@ -6,7 +6,8 @@ import torch
 
 from dsinfer.kernels.cache_write import norm_rope_store, norm_rope_store_torch
 from dsinfer.kernels.mla_attention import mla_attention_torch
-from dsinfer.kernels.mla_triton import mla_attention
+from dsinfer.kernels.mla_triton import min_split_len, mla_attention
+from dsinfer.kernels.norm_rope import rotate_pairs_torch
 
 pytest.importorskip("triton")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"     # CPU: Triton's interpreter (set in conftest)
@@ -73,6 +74,56 @@ def test_attention_with_an_overstated_max_seq_len():
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("split_len", [None, 16, 7])
+def test_decode_splits_of_short_contexts_merge_to_the_twin(split_len):
+    """The grid sized for a long context (up to 64 splits), each sequence split by its own length into ranges of
+    split_len keys or more (None: the default for its heads): context 1, exactly one full page, many pages, a
+    context ending mid-page, one just past a split boundary; the merge reads only the ranges a sequence used."""
+    context_lens = [1, 16, 16 * 9, 16 * 5 + 7, 33, 600, 65]
+    new_tokens = [1] * len(context_lens)
+    ql, qp, kv, tables, starts = paged_batch(context_lens, new_tokens, 16, 3, 32, 16, torch.float32, seed=4)
+    ref = mla_attention_torch(ql, qp, kv, tables, starts, context_lens, 0.3)
+    out = mla_attention(ql, qp, kv, tables, i32(starts), i32(context_lens), 0.3, 1, 1 << 20,
+                        config=None if split_len is None else dict(min_split_len=split_len))
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_min_split_len_follows_the_heads():
+    assert [min_split_len(h) for h in (1, 16, 64, 100, 128)] == [64, 64, 64, 128, 128]
+
+
+def _angles(T, P, seed):
+    g = torch.Generator().manual_seed(seed)
+    angles = torch.rand(T, P // 2, generator=g) * 6
+    return torch.stack([angles.cos(), angles.sin()], dim=-1)                  # (T, P/2, 2)
+
+
+@pytest.mark.parametrize("case", ["one token", "many pages decode", "chunk after a prefix ending mid-page",
+                                  "mixed batch"])
+@pytest.mark.parametrize("splits", [None, 3])
+def test_attention_rotates_q_pe_in_the_kernel(case, splits):
+    """cos_sin given: the kernel rotates q_pe's pairs itself, as attending with q_pe rotated beforehand."""
+    context_lens, new_tokens = CASES[case]
+    H, R, P = 4, 32, 16
+    ql, qp, kv, tables, starts = paged_batch(context_lens, new_tokens, 4, H, R, P, torch.float32, seed=5)
+    cos_sin = _angles(qp.shape[0], P, 6).to(DEVICE)
+    ref = mla_attention_torch(ql, rotate_pairs_torch(qp, cos_sin), kv, tables, starts, context_lens, 0.25)
+    out = mla_attention(ql, qp, kv, tables, i32(starts), i32(context_lens), 0.25, max(new_tokens),
+                        max(context_lens), num_splits=splits, cos_sin=cos_sin)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("P", [8, 64])
+def test_attention_rotates_q_pe_in_half_precision(P):
+    """Rounded to the half dtype after the rotation, as the rotary kernel stores it (P = 8 pads the pairs)."""
+    context_lens, new_tokens = [30, 7], [1, 5]
+    ql, qp, kv, tables, starts = paged_batch(context_lens, new_tokens, 4, 5, 32, P, HALF, seed=7)
+    cos_sin = _angles(qp.shape[0], P, 8).to(DEVICE)
+    ref = mla_attention_torch(ql, rotate_pairs_torch(qp, cos_sin), kv, tables, starts, context_lens, 0.2)
+    out = mla_attention(ql, qp, kv, tables, i32(starts), i32(context_lens), 0.2, 5, 30, cos_sin=cos_sin)
+    torch.testing.assert_close(out.float(), ref.float(), rtol=2e-2, atol=2e-2)
+
+
 # Triton 3.6's interpreter computes bf16 tl.dot wrongly (a plain 16x16 bf16 dot is off by 1e10 there), so on
 # CPU the half-precision path is checked in float16, which runs the same kernel code; bf16 runs on the GPU.
 HALF = torch.bfloat16 if torch.cuda.is_available() else torch.float16
@@ -108,6 +159,8 @@ def test_attention_rejects_bad_inputs():
         mla_attention(ql, qp[..., :8], kv, *args)
     with pytest.raises(TypeError, match="dtypes differ"):
         mla_attention(ql.bfloat16(), qp, kv, *args)
+    with pytest.raises(ValueError, match="cos_sin must be"):
+        mla_attention(ql, qp, kv, *args, cos_sin=torch.zeros(1, 4, 2, device=DEVICE))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
