@@ -7,6 +7,7 @@ nothing is served from L2, as in a decode step where every layer's weights are n
 best few configurations of each kernel with their microseconds and weight TB/s, and what `linear` runs today.
 
     python benchmarks/sweep_small_m.py [--ms 1,16] [--top 3]
+    python benchmarks/sweep_small_m.py --moe-bf16 --moe-ts 1
 """
 
 from __future__ import annotations
@@ -75,10 +76,11 @@ def weight_only_call(x, w, w_s, c, bn, stages, warps):
     grid = (triton.cdiv(m, 16), triton.cdiv(n, bn))
 
     def call():
-        _moe_gemm_kernel[grid](x, c, w, w_s, w, w_s, c, c, c, c, n, k, m, 1, x.stride(0), 0, w.stride(0), w.stride(1),
-                               w_s.stride(0), w_s.stride(1), c.stride(0), BLOCK_M=16, BLOCK_N=bn, BLOCK_K=128,
-                               GATED=False, A_PER_TOKEN=False, MUL_ROUTE=False, MODE=1, DENSE=True, ACCUMULATE=False,
-                               DOT_FP32=False, SWIGLU_LIMIT=0.0, num_warps=warps, num_stages=stages)
+        _moe_gemm_kernel[grid](x, c, w, w_s, w, w_s, c, c, c, c, c, c, n, k, m, 1, 0, 0, 0, x.stride(0), 0,
+                               w.stride(0), w.stride(1), w_s.stride(0), w_s.stride(1), c.stride(0), 0, BLOCK_M=16,
+                               BLOCK_N=bn, BLOCK_K=128, GATED=False, A_PER_TOKEN=False, MUL_ROUTE=False, MODE=1,
+                               DENSE=True, PER_SLOT=False, ACCUMULATE=False, SUM_SLOTS=False, DOT_FP32=False,
+                               SWIGLU_LIMIT=0.0, num_warps=warps, num_stages=stages)
     return call
 
 
@@ -145,6 +147,45 @@ def sweep_moe(a) -> None:
                   flush=True)
 
 
+def sweep_moe_bf16(a) -> None:
+    """V2-Lite's bf16 experts (64, top-6, 2048 -> 1408) and shared MLP (2816 wide) at decode sizes: the launch
+    configuration (BLOCK_N, BLOCK_K, warps, stages) of each GEMM swept with the other GEMM at its default."""
+    E, D, inter, k, shared = 64, 2048, 1408, 6, 2816
+    dt = torch.bfloat16
+    w1, w3 = (torch.randn(E, inter, D, device="cuda", dtype=dt) * 0.02 for _ in range(2))
+    w2 = torch.randn(E, D, inter, device="cuda", dtype=dt) * 0.02
+    sw = [[torch.randn(r, c, device="cuda", dtype=dt) * 0.02 for r, c in ((shared, D), (D, shared), (shared, D))]
+          for _ in range(8)]
+    configs = [(bn, bk, w, st) for bn in (16, 32, 64) for bk in (128, 256) for w, st in ((4, 4), (4, 6))]
+    configs += [(16, 128, 2, 4), (32, 64, 4, 8), (128, 128, 4, 4), (16, 256, 2, 6)]
+    default = fm._launch_config
+    for T in (int(x) for x in a.moe_ts.split(",")):
+        x = torch.randn(T, D, device="cuda", dtype=dt)
+        sets = [torch.stack([torch.randperm(E, device="cuda")[:k] for _ in range(T)]) for _ in range(8)]
+        rw = torch.rand(T, k, device="cuda")
+        experts = sum(len({int(e) for e in s.flatten()}) for s in sets) / len(sets)
+        cases = (("routed", lambda i: fm.fused_moe(x, rw, sets[i], w1, w2, w3), experts, {"gate/up": inter, "down": D}),
+                 ("shared", lambda i: fm.fused_mlp(x, *sw[i]), 1, {"gate/up": shared, "down": D}))
+        for label, fn, n_experts, n_of in cases:
+            gb = n_experts * 3 * (inter if label == "routed" else shared) * D * 2 / 1e9
+            base = graph_time_us([lambda i=i: fn(i) for i in range(8)])
+            print(f"{label} T={T} ({gb * 1e3:.1f} MB): default {base:.1f} us {gb / base * 1e3:.2f} TB/s", flush=True)
+            for which, n in n_of.items():
+                results = []
+                for cfg in configs:
+                    fm._launch_config = lambda bm, act, N, mode, *more, cfg=cfg, n=n: (
+                        cfg if N == n else default(bm, act, N, mode, *more))
+                    try:
+                        results.append((graph_time_us([lambda i=i: fn(i) for i in range(8)]), cfg))
+                    except Exception as e:  # out of shared memory / registers
+                        print(f"  {cfg}: {type(e).__name__}")
+                fm._launch_config = default
+                results.sort()
+                best = ", ".join(f"{us:.1f} us {cfg}" for us, cfg in results[:a.top])
+                every = ", ".join(f"{cfg}={us:.1f}" for us, cfg in sorted(results, key=lambda r: r[1]))
+                print(f"  {label} {which} (N={n}) best: {best} | all: {every}", flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--ms", default="1,16")
@@ -153,7 +194,10 @@ def main() -> None:
     p.add_argument("--weight-only", action="store_true", help="also sweep the MoE kernel's weight-only mode")
     p.add_argument("--moe", action="store_true", help="sweep the fused MoE / MLP kernel instead")
     p.add_argument("--moe-ts", default="1,8,32")
+    p.add_argument("--moe-bf16", action="store_true", help="sweep V2-Lite's bf16 fused MoE / shared MLP instead")
     a = p.parse_args()
+    if a.moe_bf16:
+        return sweep_moe_bf16(a)
     if a.moe:
         return sweep_moe(a)
     torch.manual_seed(0)

@@ -8,6 +8,10 @@ decode step can be captured in a CUDA graph. Then:
   2. down:    out[slot] = weight[slot] * (h[slot] @ w2[e]^T);
 and y[token] = sum over its k slots. Tiles past an expert's last slot and tiles of padding experts (-1) exit at
 once. With expert parallelism a rank holds experts [first, first + n_local); slots routed elsewhere are dropped.
+The sum over a token's slots is taken in slot order (j = 0 .. k-1), so a token's result does not depend on which
+tokens share its batch; `fused_moe_slots` leaves it to the shared experts' down projection (`fused_mlp(routed=)`),
+which adds the slots in its epilogue and stores the layer's output in the activation dtype: no zero fill, no
+separate sum and no cast launch.
 
 Weights: the activation dtype, or FP8 e4m3 with 128x128 block scales, run either block-scaled (activations
 quantized per token and 128 channels, FP8 tensor cores) or weight-only (bytes decoded to bf16 in registers, for
@@ -24,6 +28,8 @@ Twin: `fused_moe_torch`, the per-expert loop.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import triton
@@ -90,9 +96,11 @@ def align_slots(indices: torch.Tensor, first: int, n_local: int, block_m: int) -
     sorted_slots = torch.empty(size, dtype=torch.int32, device=indices.device)
     block_expert = torch.empty(size // block_m, dtype=torch.int32, device=indices.device)
     e_pad = triton.next_power_of_2(n_local)
+    # chunks no longer than the slot list: at decode (a few slots) the (CHUNK, E_PAD) scans stay small
+    chunk = max(16, min(1024, 8192 // e_pad, triton.next_power_of_2(indices.numel())))
     _align_kernel[(1,)](indices, sorted_slots, block_expert, indices.numel(), first, n_local, size,
-                        BLOCK_M=block_m, E_PAD=e_pad, CHUNK=max(16, min(1024, 8192 // e_pad)), FILL=1024,
-                        num_warps=8)
+                        BLOCK_M=block_m, E_PAD=e_pad, CHUNK=chunk, FILL=min(1024, triton.next_power_of_2(size)),
+                        num_warps=8 if chunk * e_pad >= 4096 else 4)
     return sorted_slots, block_expert
 
 
@@ -150,11 +158,13 @@ def _fp4_dot(a_lo, a_hi, u, s, DOT_FP32: tl.constexpr):
 @triton.jit
 def _moe_gemm_kernel(
     a_ptr, a_s_ptr, w_ptr, w_s_ptr, w3_ptr, w3_s_ptr, out_ptr, slots_ptr, block_expert_ptr, route_w_ptr,   # pointers
-    N, K, num_slots, top_k,                                                                               # sizes
-    stride_am, stride_asm, stride_we, stride_wn, stride_wse, stride_wsn, stride_om,                       # strides
+    slot_out_ptr, idx_ptr,
+    N, K, num_slots, top_k, slot_k, first, n_local,                                                       # sizes
+    stride_am, stride_asm, stride_we, stride_wn, stride_wse, stride_wsn, stride_om, stride_so,            # strides
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GATED: tl.constexpr, A_PER_TOKEN: tl.constexpr, MUL_ROUTE: tl.constexpr, MODE: tl.constexpr,
-    DENSE: tl.constexpr, ACCUMULATE: tl.constexpr, DOT_FP32: tl.constexpr,
+    DENSE: tl.constexpr, PER_SLOT: tl.constexpr, ACCUMULATE: tl.constexpr, SUM_SLOTS: tl.constexpr,
+    DOT_FP32: tl.constexpr,
     SWIGLU_LIMIT: tl.constexpr,
 ):
     """One (tile of sorted slots, BLOCK_N output columns). MODE 0: plain, 1: FP8 weight-only, 2: FP8 block-scaled,
@@ -162,11 +172,19 @@ def _moe_gemm_kernel(
     GATED: out = silu(a @ w^T) * (a @ w3^T), with gate clamped above and up to +-SWIGLU_LIMIT when it is > 0.
     A_PER_TOKEN: row of a = slot // top_k (else slot).
     MUL_ROUTE: out *= route_w[slot]. DENSE: one expert for every row (slot = token; a plain MLP).
-    ACCUMULATE: out += the result instead of out = it."""
+    PER_SLOT: no aligned slot list: tile j is slot j alone, its expert idx[j] - first (skipped if not local).
+    ACCUMULATE: out += the result instead of out = it. SUM_SLOTS (DENSE): the result plus, first, the routed
+    slots t * slot_k + j of each token t (rows of slot_out), summed in order j = 0 .. slot_k - 1, skipping slots
+    whose expert (idx) is outside [first, first + n_local)."""
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
     if DENSE:
         expert = 0
         slots = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    elif PER_SLOT:
+        expert = tl.load(idx_ptr + pid_m).to(tl.int32) - first
+        if (expert < 0) | (expert >= n_local):
+            return
+        slots = tl.where(tl.arange(0, BLOCK_M) == 0, pid_m, num_slots)
     else:
         expert = tl.load(block_expert_ptr + pid_m)
         if expert < 0:
@@ -253,6 +271,15 @@ def _moe_gemm_kernel(
         acc *= tl.load(route_w_ptr + slots, mask=valid, other=0.0)[:, None]
     out_ptrs = out_ptr + slots[:, None].to(tl.int64) * stride_om + offs_n[None, :]
     out_mask = valid[:, None] & (offs_n[None, :] < N)
+    if SUM_SLOTS:
+        routed = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for j in range(slot_k):
+            slot = slots.to(tl.int64) * slot_k + j
+            local = tl.load(idx_ptr + slot, mask=valid, other=-1) - first
+            local = valid & (local >= 0) & (local < n_local)
+            routed += tl.load(slot_out_ptr + slot[:, None] * stride_so + offs_n[None, :],
+                              mask=local[:, None] & (offs_n[None, :] < N), other=0.0)
+        acc = routed + acc
     if ACCUMULATE:
         acc += tl.load(out_ptrs, mask=out_mask, other=0.0).to(tl.float32)
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
@@ -266,47 +293,58 @@ def _block_m(num_slots: int, n_local: int) -> int:
     return 16 if per_expert <= 16 else 32 if per_expert <= 64 else 64
 
 
-def _launch_config(block_m: int, active_tiles: int, N: int, mode: str) -> tuple[int, int, int, int]:
+def _launch_config(block_m: int, active_tiles: int, N: int, mode: str,
+                   elem_bytes: int = 2) -> tuple[int, int, int, int]:
     """(BLOCK_N, BLOCK_K, num_warps, num_stages). Small batches read weights: narrower column tiles until about
-    two programs run per SM (H100: 132), so every SM streams; but with FP8 weights at 16-row tiles not below 32
-    columns, where each K step's loads get too small to keep the memory system busy (fewer, wider programs
-    measured faster: benchmarks/sweep_small_m.py --moe). 16-wide tiles run on 2 warps. Large batches compute:
-    128-wide tiles."""
+    two programs run per SM (H100: 132), so every SM streams; but with FP8 or bf16 weights at 16-row tiles not
+    below 32 columns, where each K step's loads get too small to keep the memory system busy (fewer, wider
+    programs measured faster: benchmarks/sweep_small_m.py --moe, --moe-bf16), and bf16/fp16 16-row tiles with
+    fewer programs than SMs (a dense MLP at one token) take 256-deep K steps (V2-Lite's shared experts at one
+    token: 18.1 us with either GEMM so, 19.5 us in 16 x 128 tiles; float32 tiles that deep overflow shared
+    memory). 16-wide tiles run on 2 warps. Large batches compute: 128-wide tiles."""
     if interpreting():
         return 32, {"plain": 32, "fp4_weight_only": 64}.get(mode, 128), 4, 1
     if block_m >= 64:
         return 128, 128 if mode != "plain" else 64, 4, 3
-    floor = 32 if block_m == 16 and mode in ("weight_only", "block_scaled") else 16
+    floor = 32 if block_m == 16 and mode in ("plain", "weight_only", "block_scaled") else 16
     block_n = 64
     while block_n > floor and active_tiles * triton.cdiv(N, block_n) < 264:
         block_n //= 2
-    return block_n, 128, 2 if block_n == 16 else 4, 4
+    deep = mode == "plain" and elem_bytes == 2 and block_m == 16 and active_tiles * triton.cdiv(N, block_n) < 132
+    return block_n, 256 if deep else 128, 2 if block_n == 16 else 4, 4
 
 
 def _gemm(a, a_s, w, w_s, w3, w3_s, out, sorted_slots, block_expert, route_w, top_k, mode, gated, block_m,
-          active_tiles, dense=False, accumulate=False, swiglu_limit=0.0, route_on_h=False) -> None:
+          active_tiles, dense=False, accumulate=False, swiglu_limit=0.0, route_on_h=False,
+          routed: RoutedSlots | None = None, per_slot: tuple[torch.Tensor, int, int] | None = None) -> None:
     """Launch one GEMM: gate/up (gated, rows of `a` per token) or down (rows per slot, scattered into the tokens'
     rows); the routing weight multiplies the down projection's output, or h in gate/up with `route_on_h`;
-    `dense` runs every row through expert 0 (a plain MLP)."""
+    `dense` runs every row through expert 0 (a plain MLP), adding the `routed` slots of each token if given.
+    per_slot = (indices, first, n_local): one tile per slot, no aligned list (`_routed` at one token)."""
     N, K = w.shape[1], w.shape[2] * (2 if mode == "fp4_weight_only" else 1)
-    block_n, block_k, warps, stages = _launch_config(block_m, active_tiles, N, mode)
+    block_n, block_k, warps, stages = _launch_config(block_m, active_tiles, N, mode, a.element_size())
     if mode in ("weight_only", "fp4_weight_only"):     # the kernel decodes e4m3 / e2m1 and E8M0 from raw bytes
         w, w3 = w.view(torch.uint8), w3.view(torch.uint8)
     if mode == "fp4_weight_only":
         w_s, w3_s = w_s.view(torch.uint8), w3_s.view(torch.uint8)
     rows = a.shape[0] if dense else route_w.numel()
-    grid = (triton.cdiv(rows, block_m) if dense else block_expert.numel(), triton.cdiv(N, block_n))
+    tiles = triton.cdiv(rows, block_m) if dense else rows if per_slot is not None else block_expert.numel()
+    grid = (tiles, triton.cdiv(N, block_n))
     dummy = out                                   # any tensor: pointers the constexpr flags never read
+    idx, first, n_local = per_slot if per_slot is not None else (
+        (routed.indices, routed.first, routed.n_local) if routed is not None else (dummy, 0, 0))
     _moe_gemm_kernel[grid](
         a, dummy if a_s is None else a_s, w, dummy if w_s is None else w_s, w3, dummy if w3_s is None else w3_s,
         out, dummy if sorted_slots is None else sorted_slots, dummy if block_expert is None else block_expert,
         dummy if route_w is None else route_w,
-        N, K, rows, top_k,
+        dummy if routed is None else routed.out, idx,
+        N, K, rows, top_k, 0 if routed is None else routed.indices.shape[1], first, n_local,
         a.stride(0), 0 if a_s is None else a_s.stride(0), w.stride(0), w.stride(1),
         0 if w_s is None else w_s.stride(0), 0 if w_s is None else w_s.stride(1), out.stride(0),
+        0 if routed is None else routed.out.stride(0),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GATED=gated, A_PER_TOKEN=gated,
         MUL_ROUTE=not dense and gated == route_on_h, MODE=MOE_MODES.index(mode), DENSE=dense,
-        ACCUMULATE=accumulate,
+        PER_SLOT=per_slot is not None, ACCUMULATE=accumulate, SUM_SLOTS=routed is not None,
         DOT_FP32=interpreting() or a.dtype == torch.float32, SWIGLU_LIMIT=float(swiglu_limit) if gated else 0.0,
         num_warps=warps, num_stages=stages)
 
@@ -353,6 +391,17 @@ def _activations(x: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor
     return x, None
 
 
+class RoutedSlots(NamedTuple):
+    """The routed experts' outputs per slot, not yet summed (`fused_moe_slots`): out (T * k, D) float32, row
+    t * k + j the weighted output of token t's j-th choice; indices (T, k) int64 the global expert ids. Rows of
+    slots whose expert is outside [first, first + n_local) (another rank's) are not written: whoever sums the
+    slots (`fused_mlp(routed=)`) skips them."""
+    out: torch.Tensor
+    indices: torch.Tensor
+    first: int
+    n_local: int
+
+
 def fused_moe(x: torch.Tensor, route_w: torch.Tensor, indices: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
               w3: torch.Tensor, w1_s: torch.Tensor | None = None, w2_s: torch.Tensor | None = None,
               w3_s: torch.Tensor | None = None, first: int = 0, mode: str = "plain", swiglu_limit: float = 0.0,
@@ -367,54 +416,118 @@ def fused_moe(x: torch.Tensor, route_w: torch.Tensor, indices: torch.Tensor, w1:
     swiglu_limit > 0: gate = min(gate, L), up = clamp(up, -L, L) before silu(gate) * up (DeepSeek-V4).
     route_on_h: multiply h by the routing weight before the down projection (V4's rounding) instead of after.
     Returns (T, D) float32."""
-    _check_args(mode, x, w1, w2, w3, (w1_s, w2_s, w3_s), swiglu_limit)
     T, D = x.shape
+    out = torch.zeros(T * indices.shape[1], D, dtype=torch.float32, device=x.device)   # other ranks' slots stay 0
+    _routed(x, route_w, indices, w1, w2, w3, w1_s, w2_s, w3_s, first, mode, swiglu_limit, route_on_h, out)
+    return out.view(T, -1, D).sum(dim=1)          # in slot order: a token's sum does not depend on its batch
+
+
+def fused_moe_slots(x: torch.Tensor, route_w: torch.Tensor, indices: torch.Tensor, w1: torch.Tensor,
+                    w2: torch.Tensor, w3: torch.Tensor, w1_s: torch.Tensor | None = None,
+                    w2_s: torch.Tensor | None = None, w3_s: torch.Tensor | None = None, first: int = 0,
+                    mode: str = "plain", swiglu_limit: float = 0.0, route_on_h: bool = False) -> RoutedSlots:
+    """`fused_moe` without the sum: the (T * k, D) float32 outputs per slot, for `fused_mlp(routed=)` to add."""
+    indices = indices.contiguous()
+    out = torch.empty(indices.numel(), x.shape[1], dtype=torch.float32, device=x.device)
+    _routed(x, route_w, indices, w1, w2, w3, w1_s, w2_s, w3_s, first, mode, swiglu_limit, route_on_h, out)
+    return RoutedSlots(out, indices, first, w1.shape[0])
+
+
+def _routed(x, route_w, indices, w1, w2, w3, w1_s, w2_s, w3_s, first, mode, swiglu_limit, route_on_h,
+            out) -> None:
+    """The two grouped GEMMs, writing each local slot's weighted output into its row of out (T * k, D). One token
+    (batch-1 decode) skips the alignment: its k slots are k distinct experts, so each slot is a tile by itself
+    (were two the same, that expert's weights would be read twice, the result unchanged): k tiles, as many as
+    the aligned list has at one token when k < block_m and every expert is local (see _aligned_size)."""
+    _check_args(mode, x, w1, w2, w3, (w1_s, w2_s, w3_s), swiglu_limit)
+    T = x.shape[0]
     n_local, inter = w1.shape[0], w1.shape[1]
     top_k = indices.shape[1]
     block_m = _block_m(indices.numel(), n_local)
-    sorted_slots, block_expert = align_slots(indices, first, n_local, block_m)
-    active = block_expert.numel()                                          # tiles (see _aligned_size)
+    per_slot = None
+    if T == 1:
+        sorted_slots = block_expert = None
+        per_slot = (indices.contiguous(), first, n_local)
+        active = top_k
+    else:
+        sorted_slots, block_expert = align_slots(indices, first, n_local, block_m)
+        active = block_expert.numel()                                      # tiles (see _aligned_size)
     route_w = route_w.float().contiguous().flatten()
     x, a_s = _activations(x, mode)
     h_dtype = x.dtype if mode != "block_scaled" else torch.bfloat16
     h = torch.empty(T * top_k, inter, dtype=h_dtype, device=x.device)
     _gemm(x, a_s, w1, w1_s, w3, w3_s, h, sorted_slots, block_expert, route_w, top_k, mode, True, block_m, active,
-          swiglu_limit=swiglu_limit, route_on_h=route_on_h)
+          swiglu_limit=swiglu_limit, route_on_h=route_on_h, per_slot=per_slot)
     h_s = None
     if mode == "block_scaled":
         h, h_s = _act_quant(h)
-    out = torch.zeros(T * top_k, D, dtype=torch.float32, device=x.device)   # slots of other ranks stay 0
     _gemm(h, h_s, w2, w2_s, w2, w2_s, out, sorted_slots, block_expert, route_w, top_k, mode, False, block_m,
-          active, route_on_h=route_on_h)
-    return out.view(T, top_k, D).sum(dim=1)       # in slot order: a token's sum does not depend on its batch
+          active, route_on_h=route_on_h, per_slot=per_slot)
 
 
 def fused_mlp(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor, w1_s: torch.Tensor | None = None,
               w2_s: torch.Tensor | None = None, w3_s: torch.Tensor | None = None, mode: str = "plain",
-              out: torch.Tensor | None = None, swiglu_limit: float = 0.0) -> torch.Tensor:
+              out: torch.Tensor | None = None, swiglu_limit: float = 0.0, routed: RoutedSlots | None = None,
+              out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """A dense SwiGLU MLP (the shared experts) through the same two kernels, every token on one "expert".
     x: (T, D); w1, w3: (I, D), w2: (D, I), FP8 with (ceil(rows/128), ceil(cols/128)) scales in the FP8 modes,
     packed FP4 ((I, D/2), (D, I/2)) with (rows, cols/32) E8M0 scales in "fp4_weight_only".
-    Returns (T, D) float32; with `out` ((T, D) float32, e.g. the routed experts' sum) the result is added into
-    it in the down projection's epilogue, and `out` is returned. swiglu_limit as in `fused_moe`."""
+    Returns (T, D) in out_dtype (float32 by default); with `out` ((T, D) float32, e.g. the routed experts' sum)
+    the result is added into it in the down projection's epilogue, and `out` is returned. With `routed` (from
+    `fused_moe_slots` for these T tokens) the epilogue adds each token's routed slots, summed in slot order, to
+    the result: the MoE layer's output in one store. swiglu_limit as in `fused_moe`.
+    The two GEMMs are also callable apart (`fused_mlp_up`, then `fused_mlp_down`), so that other work can run
+    between or beside them."""
+    hidden = fused_mlp_up(x, w1, w2, w3, w1_s, w2_s, w3_s, mode, swiglu_limit)
+    return fused_mlp_down(hidden, w2, w2_s, out, routed, out_dtype)
+
+
+class MlpHidden(NamedTuple):
+    """A dense MLP between its GEMMs: h (T, I) = silu(x w1^T) * (x w3^T) in x's dtype (bf16 in "block_scaled",
+    there FP8-quantized with its per-128 scales h_s), and the mode it was computed in."""
+    h: torch.Tensor
+    h_s: torch.Tensor | None
+    mode: str
+
+
+def fused_mlp_up(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor,
+                 w1_s: torch.Tensor | None = None, w2_s: torch.Tensor | None = None,
+                 w3_s: torch.Tensor | None = None, mode: str = "plain", swiglu_limit: float = 0.0) -> MlpHidden:
+    """`fused_mlp`'s gate/up GEMM with the SwiGLU (all three weights are checked here, as by `fused_mlp`)."""
     w1, w2, w3 = w1.unsqueeze(0), w2.unsqueeze(0), w3.unsqueeze(0)
     w1_s, w2_s, w3_s = (None if s is None else s.unsqueeze(0) for s in (w1_s, w2_s, w3_s))
     _check_args(mode, x, w1, w2, w3, (w1_s, w2_s, w3_s), swiglu_limit)
-    T, D = x.shape
+    T = x.shape[0]
     block_m = _block_m(T, 1)
-    active = triton.cdiv(T, block_m)
     x, a_s = _activations(x, mode)
     h = torch.empty(T, w1.shape[1], dtype=x.dtype if mode != "block_scaled" else torch.bfloat16, device=x.device)
-    _gemm(x, a_s, w1, w1_s, w3, w3_s, h, None, None, None, 1, mode, True, block_m, active, dense=True,
-          swiglu_limit=swiglu_limit)
+    _gemm(x, a_s, w1, w1_s, w3, w3_s, h, None, None, None, 1, mode, True, block_m, triton.cdiv(T, block_m),
+          dense=True, swiglu_limit=swiglu_limit)
     h_s = None
     if mode == "block_scaled":
         h, h_s = _act_quant(h)
+    return MlpHidden(h, h_s, mode)
+
+
+def fused_mlp_down(hidden: MlpHidden, w2: torch.Tensor, w2_s: torch.Tensor | None = None,
+                   out: torch.Tensor | None = None, routed: RoutedSlots | None = None,
+                   out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """`fused_mlp`'s down GEMM on `fused_mlp_up`'s output, with the same w2 (and scales): out, routed and
+    out_dtype as in `fused_mlp`."""
+    h, h_s, mode = hidden
+    w2 = w2.unsqueeze(0)
+    w2_s = None if w2_s is None else w2_s.unsqueeze(0)
+    T, D = h.shape[0], w2.shape[1]
+    if routed is not None and (routed.out.shape != (routed.indices.numel(), D) or routed.indices.shape[0] != T
+                               or routed.out.dtype != torch.float32):
+        raise ValueError(f"routed slots {tuple(routed.out.shape)} {routed.out.dtype} of indices "
+                         f"{tuple(routed.indices.shape)} do not belong to {T} tokens of width {D}")
+    block_m = _block_m(T, 1)
     accumulate = out is not None
     if out is None:
-        out = torch.empty(T, D, dtype=torch.float32, device=x.device)
-    _gemm(h, h_s, w2, w2_s, w2, w2_s, out, None, None, None, 1, mode, False, block_m, active, dense=True,
-          accumulate=accumulate)
+        out = torch.empty(T, D, dtype=out_dtype, device=h.device)
+    _gemm(h, h_s, w2, w2_s, w2, w2_s, out, None, None, None, 1, mode, False, block_m, triton.cdiv(T, block_m),
+          dense=True, accumulate=accumulate, routed=routed)
     return out
 
 

@@ -1,9 +1,11 @@
-"""MoE routing after the router's logits, in one launch per batch: scores (softmax or sigmoid), the correction
-bias, group-limited selection, top-k, renormalisation and the route scale.
+"""The MoE router on the GPU: its float32 logits (`router_logits`), then routing in one launch per batch: scores
+(softmax or sigmoid), the correction bias, group-limited selection, top-k, renormalisation and the route scale.
 
-PyTorch spends a dozen launches on this (softmax, two top-k passes, gathers, masks); the kernel takes one token
-per program and finds the top-k by repeated arg-max, so ties go to the lower expert id, as `torch.topk` does on
-these inputs in practice (exact ties do not occur with real logits). Twin: `route_torch`.
+PyTorch spends a dozen launches on routing (softmax, two top-k passes, gathers, masks); the kernel takes one
+token per program and finds the top-k by repeated arg-max, so ties go to the lower expert id, as `torch.topk`
+does on these inputs in practice (exact ties do not occur with real logits). Twin: `route_torch`.
+The logits at decode sizes are one GEMV launch reading the activations in their dtype and the float32 weight
+(cuBLAS takes a cast of x and two kernels); twin: `router_logits_torch`.
 """
 
 from __future__ import annotations
@@ -13,6 +15,53 @@ import triton
 import triton.language as tl
 
 from .triton_common import check_device
+
+ROUTER_GEMV_BYTES = 16 << 20    # the GEMV re-reads the weight per token (from L2): up to this much, else cuBLAS
+
+
+def router_logits_torch(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x: (T, D) any float dtype; weight: (E, D) float32 -> (T, E) float32 logits x @ weight^T in float32."""
+    return torch.nn.functional.linear(x.float(), weight)
+
+
+@triton.jit
+def _router_logits_kernel(x_ptr, w_ptr, out_ptr, E, D, stride_x, stride_w, stride_o,
+                          BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr):
+    """One token, BLOCK_E experts: float32 products accumulated per lane over D, then summed (an order fixed by
+    the constexprs, so a token's logits do not depend on the batch)."""
+    t = tl.program_id(0).to(tl.int64)
+    e = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
+    d = tl.arange(0, BLOCK_D)
+    acc = tl.zeros([BLOCK_E, BLOCK_D], tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        d_ok = d0 + d < D
+        xv = tl.load(x_ptr + t * stride_x + d0 + d, mask=d_ok, other=0.0).to(tl.float32)
+        wv = tl.load(w_ptr + e[:, None] * stride_w + d0 + d[None, :], mask=(e < E)[:, None] & d_ok[None, :],
+                     other=0.0)
+        acc += wv * xv[None, :]
+    tl.store(out_ptr + t * stride_o + e, tl.sum(acc, 1), mask=e < E)
+
+
+def router_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x: (T, D) bf16/fp16/fp32, last dim contiguous; weight: (E, D) float32 contiguous -> (T, E) float32. Decode
+    sizes (T * E * D * 4 <= ROUTER_GEMV_BYTES) run one GEMV launch with x read in its dtype; larger batches cuBLAS
+    on x.float()."""
+    check_device(x=x, weight=weight)
+    T, D = x.shape
+    E = weight.shape[0]
+    if weight.shape != (E, D) or weight.dtype != torch.float32 or not weight.is_contiguous():
+        raise ValueError(f"router weight must be a contiguous float32 ({E}, {D}) tensor for x {tuple(x.shape)}, got "
+                         f"{tuple(weight.shape)} {weight.dtype}")
+    if T * weight.numel() * 4 > ROUTER_GEMV_BYTES:
+        return router_logits_torch(x, weight)
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    out = torch.empty(T, E, dtype=torch.float32, device=x.device)
+    if T:
+        block_d = min(2048, triton.next_power_of_2(D))
+        _router_logits_kernel[(T, triton.cdiv(E, 2))](x, weight, out, E, D, x.stride(0), weight.stride(0),
+                                                     out.stride(0), BLOCK_E=2, BLOCK_D=block_d, num_warps=4)
+    return out
 
 
 def route_torch(logits: torch.Tensor, bias: torch.Tensor | None, n_groups: int, topk_groups: int, topk: int,

@@ -228,20 +228,35 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.backend == "triton":
-            y = self.fused(x).to(x.dtype)
+            y = self.fused(x, out_dtype=x.dtype)
             return self.w2.parallel.all_reduce(y) if self.w2.reduce else y
         return self.w2((F.silu(self.w1(x).float()) * self.w3(x).float()).to(x.dtype))
 
-    def fused(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        """x: (T, D) -> this rank's (T, D) float32 output through the fused kernels, added into `out` if given."""
-        return fused_swiglu(self.w1, self.w2, self.w3, x, out)
+    def fused(self, x: torch.Tensor, out: torch.Tensor | None = None,
+              out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """x: (T, D) -> this rank's (T, D) output through the fused kernels (in out_dtype), added into `out` if
+        given."""
+        return fused_swiglu(self.w1, self.w2, self.w3, x, out, out_dtype=out_dtype)
+
+    def fused_up(self, x: torch.Tensor):
+        """The fused kernels' first launch (gate/up and the SwiGLU) -> kernels.fused_moe.MlpHidden."""
+        from ..kernels.fused_moe import fused_mlp_up
+        w1, w2, w3 = self.w1, self.w2, self.w3
+        return fused_mlp_up(x, w1.weight, w2.weight, w3.weight, w1.scale, w2.scale, w3.scale,
+                            fused_moe_mode(w1.scale is not None, w1.fp8_impl, x.device, w1.block_size))
+
+    def fused_down(self, hidden, routed=None, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The second launch on `fused_up`'s output -> (T, D) in out_dtype, plus the `routed` slots
+        (kernels.fused_moe.RoutedSlots) of these tokens, summed in slot order, if given."""
+        from ..kernels.fused_moe import fused_mlp_down
+        return fused_mlp_down(hidden, self.w2.weight, self.w2.scale, routed=routed, out_dtype=out_dtype)
 
 
 def fused_swiglu(w1: Linear, w2: Linear, w3: Linear, x: torch.Tensor, out: torch.Tensor | None = None,
-                 swiglu_limit: float = 0.0) -> torch.Tensor:
+                 swiglu_limit: float = 0.0, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """w2(silu(w1 x) * w3 x) of three linear layers (bf16 or FP8) through the fused MoE kernels' two launches,
-    every token on one "expert": (T, D) float32, added into `out` if given. swiglu_limit: V4's clamp."""
+    every token on one "expert": (T, D) in out_dtype, added into `out` if given. swiglu_limit: V4's clamp."""
     from ..kernels.fused_moe import fused_mlp
     mode = fused_moe_mode(w1.scale is not None, w1.fp8_impl, x.device, w1.block_size)
     return fused_mlp(x, w1.weight, w2.weight, w3.weight, w1.scale, w2.scale, w3.scale, mode, out=out,
-                     swiglu_limit=swiglu_limit)
+                     swiglu_limit=swiglu_limit, out_dtype=out_dtype)

@@ -36,11 +36,11 @@ class Gate(nn.Module):
             self.register_parameter("bias", None)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = F.linear(x.float(), self.weight)                              # (T, E) float32
-        if logits.is_cuda:          # one launch for everything after the logits
-            from ..kernels.moe_gate_triton import route
+        if x.is_cuda:               # the logits as one GEMV launch at decode, one launch for everything after them
+            from ..kernels.moe_gate_triton import route, router_logits
+            logits = router_logits(x, self.weight)                             # (T, E) float32
         else:
-            route = route_torch
+            logits, route = F.linear(x.float(), self.weight), route_torch
         return route(logits, self.bias, self.n_groups, self.topk_groups, self.topk, self.score_func,
                      self.norm_topk_prob, self.route_scale)
 
@@ -82,9 +82,17 @@ class Experts(nn.Module):
         if self.backend == "triton":
             from ..kernels.fused_moe import fused_moe
             return fused_moe(x, weights, indices, self.w1, self.w2, self.w3, self.w1_scale, self.w2_scale,
-                             self.w3_scale, self.first,
-                             fused_moe_mode(self.w1_scale is not None, self.fp8_impl, x.device, self.block_size))
+                             self.w3_scale, self.first, self._mode(x))
         return self._loop(x, weights, indices)
+
+    def slot_outputs(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor):
+        """The fused kernel's weighted outputs per slot, not yet summed (kernels.fused_moe.RoutedSlots)."""
+        from ..kernels.fused_moe import fused_moe_slots
+        return fused_moe_slots(x, weights, indices, self.w1, self.w2, self.w3, self.w1_scale, self.w2_scale,
+                               self.w3_scale, self.first, self._mode(x))
+
+    def _mode(self, x: torch.Tensor) -> str:
+        return fused_moe_mode(self.w1_scale is not None, self.fp8_impl, x.device, self.block_size)
 
     def _loop(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """The per-expert loop (CPU, and the fused kernel's oracle): slots sorted by expert once, so the host waits
@@ -129,9 +137,12 @@ class MoE(nn.Module):
                                first=self.parallel.rank * n_local, n_local=n_local)
         self.shared_experts = MLP(args.dim, args.n_shared_experts * args.moe_inter_dim, block, self.parallel,
                                   reduce=False)
+        self._side_stream: torch.cuda.Stream | None = None     # made on the first CUDA forward (see _fused)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (T, D) -> (T, D). Routed outputs are weighted and summed in float32, then the shared MLP is added."""
+        if self.experts.backend == "triton" and self.shared_experts.backend == "triton":
+            return self.parallel.all_reduce(self._fused(x))
         weights, indices = self.gate(x)                                       # (T, k), (T, k)
         y = self.experts(x, weights, indices)
         if self.shared_experts.backend == "triton":      # the shared MLP adds itself into y in its last kernel
@@ -139,3 +150,25 @@ class MoE(nn.Module):
         else:
             y = y + self.shared_experts(x).float()
         return self.parallel.all_reduce(y.to(x.dtype))
+
+    def _fused(self, x: torch.Tensor) -> torch.Tensor:
+        """Everything in the fused kernels, in x's dtype. The shared MLP's gate/up GEMM runs on a side stream
+        (on CUDA) beside the router and the routed experts, whose small launches leave most of the GPU idle; its
+        down GEMM then sums each token's routed slots (in slot order), adds its own output and stores the sum
+        in x's dtype: no separate sum, zero fill or cast. Every side-stream launch first waits for the main
+        stream, so memory the side stream frees is reused only after the main stream's use of it."""
+        side = None
+        if x.is_cuda:
+            if self._side_stream is None:
+                self._side_stream = torch.cuda.Stream(x.device)
+            side, main = self._side_stream, torch.cuda.current_stream(x.device)
+            side.wait_stream(main)
+            with torch.cuda.stream(side):
+                hidden = self.shared_experts.fused_up(x)
+        else:
+            hidden = self.shared_experts.fused_up(x)
+        weights, indices = self.gate(x)                                       # (T, k), (T, k)
+        routed = self.experts.slot_outputs(x, weights, indices)
+        if side is not None:
+            main.wait_stream(side)
+        return self.shared_experts.fused_down(hidden, routed=routed, out_dtype=x.dtype)

@@ -15,6 +15,7 @@ from dsinfer.kernels.fused_moe import (
     e2m1_to_float,
     fused_mlp,
     fused_moe,
+    fused_moe_slots,
     fused_moe_torch,
 )
 
@@ -31,7 +32,7 @@ def _routing(T, k, E, seed=0):
 
 @pytest.mark.parametrize("align", [align_slots, align_slots_torch])
 @pytest.mark.parametrize("T,k,E,block_m", [(1, 2, 8, 16), (5, 3, 8, 16), (40, 2, 4, 16), (7, 1, 3, 4),
-                                           (300, 6, 64, 16)])
+                                           (1, 6, 64, 16), (3, 6, 64, 16), (300, 6, 64, 16), (64, 8, 256, 16)])
 @pytest.mark.parametrize("first,n_local", [(0, None), (2, 3)])
 def test_align_slots_groups_every_local_slot_once(align, T, k, E, block_m, first, n_local):
     n_local = n_local or E
@@ -111,6 +112,21 @@ def test_fused_moe_matches_loop(mode, T, k, E, inter, D, first, n_local):
     assert want.abs().sum() > 0 or not ((indices >= first) & (indices < first + n_local)).any()
 
 
+@pytest.mark.parametrize("first,n_local", [(0, 8), (3, 4)])
+def test_one_token_runs_a_tile_per_slot_even_with_repeated_experts(first, n_local):
+    """At one token the slots skip the alignment (one tile each): a repeated expert (no router picks one, but a
+    caller may) is computed twice and both slots count; other ranks' experts add nothing."""
+    dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float32
+    (w1, w2, w3), _ = _weights(n_local, 32, 64, dtype, fp8=False)
+    indices = torch.tensor([[5, 1, 5, 6]], device=DEVICE)
+    route_w = torch.tensor([[0.5, 0.25, 0.125, 1.0]], device=DEVICE)
+    x = torch.randn(1, 64, generator=torch.Generator().manual_seed(6)).to(DEVICE, dtype)
+    got = fused_moe(x, route_w, indices, w1, w2, w3, first=first)
+    want = fused_moe_torch(x, route_w, indices, w1, w2, w3, first=first)
+    _close(got, want, dtype, "plain")
+    assert want.abs().sum() > 0
+
+
 def test_fused_moe_rejects_unknown_mode():
     (w1, w2, w3), _ = _weights(2, 32, 64, torch.float32, fp8=False)
     route_w, indices = _routing(1, 1, 2)
@@ -131,6 +147,40 @@ def test_fused_mlp_matches_swiglu(mode, T, inter, D, accumulate):
     got = fused_mlp(x, w1[0], w2[0], w3[0], *(None if s is None else s[0] for s in (s1, s2, s3)), mode=mode,
                     out=base.clone() if accumulate else None)
     _close(got, want, dtype, mode)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("T,k,E", [(1, 6, 16), (3, 2, 8), (64, 3, 4)])
+@pytest.mark.parametrize("first,n_local", [(0, None), (2, 3)])
+def test_shared_mlp_sums_the_routed_slots(mode, T, k, E, first, n_local):
+    """fused_moe_slots then fused_mlp(routed=): the routed experts' twin plus the shared MLP's, stored in the
+    activation dtype by the down projection's epilogue (slots of other ranks' experts, never written, skipped;
+    at T=64 over 4 experts some experts have many slots, at T=1 over 16 most have none)."""
+    n_local = n_local or E
+    dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float32
+    D, inter, shared = 72, 40, 48
+    (w1, w2, w3), (s1, s2, s3) = _weights(n_local, inter, D, dtype, fp8=mode != "plain")
+    (v1, v2, v3), (t1, t2, t3) = _weights(1, shared, D, dtype, fp8=mode != "plain", seed=4)
+    route_w, indices = _routing(T, k, E, seed=T)
+    x = torch.randn(T, D, generator=torch.Generator().manual_seed(5)).to(DEVICE, dtype)
+    want = fused_moe_torch(x, route_w, indices, w1, w2, w3, s1, s2, s3, first=first, mode=mode)
+    want += fused_moe_torch(x, torch.ones(T, 1, device=DEVICE), torch.zeros(T, 1, dtype=torch.long, device=DEVICE),
+                            v1, v2, v3, t1, t2, t3, mode=mode)
+    routed = fused_moe_slots(x, route_w, indices, w1, w2, w3, s1, s2, s3, first=first, mode=mode)
+    routed.out[(indices.flatten() < first) | (indices.flatten() >= first + n_local)] = float("nan")   # unwritten
+    got = fused_mlp(x, v1[0], v2[0], v3[0], *(None if s is None else s[0] for s in (t1, t2, t3)), mode=mode,
+                    routed=routed, out_dtype=dtype)
+    assert got.dtype == dtype and got.shape == (T, D)
+    _close(got.float(), want.to(dtype).float(), dtype, mode)
+
+
+def test_routed_slots_must_belong_to_x():
+    (w1, w2, w3), _ = _weights(2, 32, 64, torch.float32, fp8=False)
+    route_w, indices = _routing(3, 2, 2)
+    x = torch.randn(3, 64, device=DEVICE)
+    routed = fused_moe_slots(x, route_w, indices, w1, w2, w3)
+    with pytest.raises(ValueError, match="do not belong"):
+        fused_mlp(x[:2], w1[0], w2[0], w3[0], routed=routed)
 
 
 # --- FP4 experts (DeepSeek-V4) ------------------------------------------------------------------------------------

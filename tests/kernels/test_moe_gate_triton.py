@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from dsinfer.kernels.moe_gate_triton import route, route_torch
+from dsinfer.kernels.moe_gate_triton import ROUTER_GEMV_BYTES, route, route_torch, router_logits
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -33,3 +33,30 @@ def test_route_equals_twin(case, T):
 def test_route_rejects_uneven_groups():
     with pytest.raises(ValueError, match="divisible by 3 groups"):
         route(torch.zeros(1, 8, device=DEVICE), None, 3, 1, 2, "softmax", False, 1.0)
+
+
+@pytest.mark.parametrize("T", [0, 1, 3, 64])
+@pytest.mark.parametrize("E, D", [(64, 2048), (6, 100), (5, 4100)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_router_logits_equal_a_float64_product(T, E, D, dtype):
+    """The GEMV (odd expert counts, a width that is no power of two and one past two 2048-wide chunks) and the
+    cuBLAS fallback past ROUTER_GEMV_BYTES: x in its dtype times the float32 weight, summed in float32."""
+    g = torch.Generator().manual_seed(T + E)
+    x = torch.randn(T, D, generator=g).to(dtype)
+    w = torch.randn(E, D, generator=g)
+    ref = x.double() @ w.double().T
+    got = router_logits(x.to(DEVICE), w.to(DEVICE))
+    assert got.dtype == torch.float32 and got.shape == (T, E)
+    torch.testing.assert_close(got.cpu().double(), ref, rtol=1e-5, atol=1e-4)
+
+
+def test_router_logits_of_a_token_do_not_depend_on_the_batch():
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(9, 300, generator=g).to(DEVICE), torch.randn(16, 300, generator=g).to(DEVICE)
+    assert 9 * w.numel() * 4 <= ROUTER_GEMV_BYTES
+    assert torch.equal(router_logits(x, w)[4], router_logits(x[4:5], w)[0])
+
+
+def test_router_logits_reject_a_mismatched_weight():
+    with pytest.raises(ValueError, match="router weight must be"):
+        router_logits(torch.zeros(1, 8, device=DEVICE), torch.zeros(4, 9, device=DEVICE))
