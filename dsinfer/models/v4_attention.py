@@ -150,7 +150,8 @@ class Attention(nn.Module):
             o = sparse_attention_torch(q, pool, indices, self.attn_sink, self.softmax_scale)     # (T, H, d)
 
         # Undo the rotation the values carried: rotate the output's rope part by minus the query angle.
-        o = torch.cat([o[..., :-rd], apply_rotary(o[..., -rd:], cos_sin * cos_sin.new_tensor([1.0, -1.0]))], -1)
+        conj = torch.stack([cos_sin[..., 0], -cos_sin[..., 1]], dim=-1)             # (no host tensor: graphs)
+        o = torch.cat([o[..., :-rd], apply_rotary(o[..., -rd:], conj)], -1)
         o = o.view(T, self.o_groups, -1)                                            # (T, G, H/G * head_dim)
         wo_a = self.wo_a.dense(q.dtype).view(self.o_groups, self.o_lora_rank, -1)
         z = torch.einsum("tgd,grd->tgr", o, wo_a)                                   # (T, G, o_lora)
