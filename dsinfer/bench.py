@@ -1,7 +1,7 @@
 """`dsinfer bench`: decode and prefill speed of a random-weight model with the exact shapes of a named config,
 built on the device without a checkpoint, measured through the engine, against the memory-bandwidth limit.
 DeepSeek-V4 (`--config v4-flash`) is built in its published formats (FP8 linears, FP4 routed experts) and timed
-through the same engine (eager: no CUDA graphs for V4 yet), on one device.
+through the same engine (decode steps as CUDA graphs, as for V2/V3), on one device.
 
 Weight bytes read per decode step are counted as spec/anchors.md counts them: every non-expert weight once
 (attention, dense layers, shared experts, router, LM head, the embedding rows used), plus the routed experts the
