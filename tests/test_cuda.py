@@ -24,6 +24,15 @@ def test_cuda_matches_cpu(name, checkpoint):
     assert agree > 0.75
 
 
+def decode_logprobs(llm, prompt, steps):
+    """The top-3 log-probabilities of `steps` greedy decode steps of one request, through the engine: (steps, 3)."""
+    seq = llm.engine.add_request(prompt, SamplingParams(temperature=0, max_tokens=steps, ignore_eos=True, logprobs=3))
+    found = []
+    while llm.engine.has_unfinished():
+        found += [o.logprobs for o in llm.engine.step() if o.seq_id == seq]
+    return torch.tensor([[lp for _, lp in t.top] for t in found])
+
+
 @pytest.mark.parametrize("name", ["v2-lite", "v3"])
 def test_cuda_graphs_and_fused_moe_equal_eager_loop(name, checkpoint):
     """Decode replayed from CUDA graphs (padded batches, many buckets) with the fused MoE gives the tokens and
@@ -39,15 +48,8 @@ def test_cuda_graphs_and_fused_moe_equal_eager_loop(name, checkpoint):
     assert graphs.engine.runner.graphs is not None and eager.engine.runner.graphs is None
     assert [o.token_ids for o in graphs.generate(prompts, params)] == \
         [o.token_ids for o in eager.generate(prompts, params)]
-    logprobs = []
-    for llm in (eager, graphs):     # decode steps' log-probabilities, through the engine
-        seq = llm.engine.add_request(prompts[3], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True,
-                                                                logprobs=3))
-        found = []
-        while llm.engine.has_unfinished():
-            found += [o.logprobs for o in llm.engine.step() if o.seq_id == seq]
-        logprobs.append(torch.tensor([[lp for _, lp in t.top] for t in found]))
-    torch.testing.assert_close(logprobs[1], logprobs[0], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(decode_logprobs(graphs, prompts[3], 4), decode_logprobs(eager, prompts[3], 4),
+                               atol=1e-4, rtol=1e-4)
     graphs.engine.runner.graphs.release()                 # what a tensor-parallel group does before it is left
     assert not graphs.engine.runner.graphs.can_run(1, 8)
     assert [o.token_ids for o in graphs.generate(prompts[:3], params[:3])] == \
@@ -72,12 +74,5 @@ def test_v4_cuda_graphs_equal_eager_steps(checkpoint, monkeypatch):
     assert len(graphs.engine.runner.graphs.contexts) > 1
     assert [o.token_ids for o in graphs.generate(prompts, params)] == \
         [o.token_ids for o in eager.generate(prompts, params)]
-    logprobs = []
-    for llm in (eager, graphs):
-        seq = llm.engine.add_request(prompts[3], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True,
-                                                                logprobs=3))
-        found = []
-        while llm.engine.has_unfinished():
-            found += [o.logprobs for o in llm.engine.step() if o.seq_id == seq]
-        logprobs.append(torch.tensor([[lp for _, lp in t.top] for t in found]))
-    torch.testing.assert_close(logprobs[1], logprobs[0], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(decode_logprobs(graphs, prompts[3], 6), decode_logprobs(eager, prompts[3], 6),
+                               atol=1e-4, rtol=1e-4)

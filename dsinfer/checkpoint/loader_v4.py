@@ -7,7 +7,7 @@ without their weights), then each tensor is read once and placed. Formats stay a
 - Routed experts in FP4 (int8 bytes, two e2m1 codes each) stay packed (uint8), with their E8M0 scales kept as
   bytes (uint8), one per 32 inputs.
 - Everything else takes the dtype the model declares: float32 for norms, hyper-connection weights, sinks,
-  compressor weights and position biases and the router bias; the model dtype for the rest.
+  compressor weights and position biases, the router weight and bias; the model dtype for the rest.
 """
 
 from __future__ import annotations

@@ -40,7 +40,9 @@ class Gate(nn.Module):
         super().__init__()
         self.topk, self.route_scale = args.n_activated_experts, args.route_scale
         self.hash = args.hash_layers[layer_id]
-        self.weight = nn.Parameter(torch.empty(args.n_routed_experts, args.dim), requires_grad=False)
+        # float32, as the reference computes the scores (kept so, not cast at every call)
+        self.weight = nn.Parameter(torch.empty(args.n_routed_experts, args.dim, dtype=torch.float32),
+                                   requires_grad=False)
         if self.hash:
             self.tid2eid = nn.Parameter(torch.zeros(args.vocab_size, self.topk, dtype=torch.int64),
                                         requires_grad=False)
@@ -50,7 +52,7 @@ class Gate(nn.Module):
             self.register_parameter("tid2eid", None)
 
     def forward(self, x: torch.Tensor, token_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        scores = F.softplus(F.linear(x.float(), self.weight.float())).sqrt()          # (T, E)
+        scores = F.softplus(F.linear(x.float(), self.weight)).sqrt()                  # (T, E)
         if self.hash:
             indices = self.tid2eid[token_ids].long()
         else:
