@@ -82,6 +82,7 @@ class V4Cache:
         self.window_size = args.window_size
         count = {"slot": num_slots + 1, "page": num_pages + 1}
         self.pools: list[torch.Tensor] = []
+        self._owned: list[torch.Tensor] = []         # every tensor allocated (the rest are views of the pools)
         # layers[i][group][name]: group is "window", "compressor" or "indexer"
         self.layers: list[dict[str, dict[str, torch.Tensor]]] = []
         for i in range(args.n_layers):
@@ -94,19 +95,18 @@ class V4Cache:
                                                dtype=torch.float32 if p.float32 else dtype)
                              for name, p in group_parts.items() if (group, name) != ("compressor", "entries")}
                      for group, group_parts in parts.items() if group != "window"}
+            self._owned += [pool, *(t for group in layer.values() for t in group.values())]
             layer["window"] = {"ring": pool[:ring_rows].view(count["slot"], *ring.shape)}
             if entries:
                 layer["compressor"]["entries"] = pool[ring_rows:].view(count["page"], *entries.shape)
             self.pools.append(pool)
             self.layers.append(layer)
         self.ratios = args.compress_ratios
+        self.stores = [DecodeLayerStore(self, i) for i in range(args.n_layers)]   # for decode batches
 
     @property
     def nbytes(self) -> int:
-        pools = sum(t.numel() * t.element_size() for t in self.pools)
-        return pools + sum(t.numel() * t.element_size() for layer in self.layers for group, parts in layer.items()
-                           for name, t in parts.items() if group != "window" and (group, name) != ("compressor",
-                                                                                                    "entries"))
+        return sum(t.numel() * t.element_size() for t in self._owned)
 
     def views(self, slot: int, block_table: torch.Tensor) -> list[SlotLayerState]:
         """One sequence's state in every layer, as the model reads it; block_table: (pages,) int64 on the
@@ -114,20 +114,22 @@ class V4Cache:
         return [SlotLayerState(layer, slot, block_table, self.page_size, ratio)
                 for layer, ratio in zip(self.layers, self.ratios)]
 
-    def decode_stores(self) -> list[DecodeLayerStore]:
-        """Every layer's state of all sequences at once, for decode batches (models/v4_state.V4DecodeBatch)."""
-        return [DecodeLayerStore(self, i) for i in range(len(self.layers))]
-
-    def entry_rows(self, block_tables: torch.Tensor, num_entries: dict[int, int]) -> dict[int, torch.Tensor]:
-        """For each compression ratio m: (B, num_entries[m]) int64, where entry w of sequence b lies among a
-        compressed layer's entry rows (entry w summarises tokens w*m .. and lives in the page of token w*m);
-        block_tables: (B, pages) int64, wide enough for the entries asked for."""
-        out = {}
+    def decode_batch(self, token_ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
+                     block_tables: torch.Tensor, num_entries: dict[int, int]) -> V4DecodeBatch:
+        """The model's view of a decode step: token ids, positions and state slots (B,) int64, block_tables
+        (B, pages) int64 wide enough for the entries asked for, num_entries: entries to address per compression
+        ratio m (more than any row's p // m). Where rows lie is worked out once here for every layer: window
+        rows of positions p, p - 1, .., p - window_size + 1 (-1 before 0; every layer's ring starts its pool), and
+        for each m where entry w of each row lies among a layer's entry rows (in the page of token w * m)."""
+        W = self.window_size
+        pos = positions[:, None] - torch.arange(W, device=positions.device)                  # (B, W)
+        window_rows = torch.where(pos >= 0, slots[:, None] * W + pos % W, -1)
+        entry_rows = {}
         for m, n in num_entries.items():
             token = torch.arange(n, device=block_tables.device) * m                            # (E,)
-            out[m] = (block_tables[:, token // self.page_size] * -(-self.page_size // m)
-                      + token % self.page_size // m)
-        return out
+            entry_rows[m] = (block_tables[:, token // self.page_size] * -(-self.page_size // m)
+                             + token % self.page_size // m)
+        return V4DecodeBatch(token_ids, positions, slots, window_rows, entry_rows, self.stores)
 
 
 class SlotCompressorState:
@@ -205,8 +207,9 @@ class DecodeCompressorStore:
 
     def buffer(self, kv: torch.Tensor, score: torch.Tensor, batch: V4DecodeBatch) -> None:
         """Each row's projections (B, width) into its window's buffer, at p % ratio."""
-        self.kv[batch.slots, batch.positions % self.ratio] = kv
-        self.score[batch.slots, batch.positions % self.ratio] = score
+        at = batch.positions % self.ratio
+        self.kv[batch.slots, at] = kv
+        self.score[batch.slots, at] = score
 
     def window(self, batch: V4DecodeBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """(kv, score) buffers of each row's window, (B, ratio, width); rows past p % ratio are stale."""
@@ -231,7 +234,8 @@ class DecodeCompressorStore:
 
 class DecodeLayerStore:
     """One layer's state of every sequence, for decode steps (the decode-side interface the V4 model's
-    Attention.decode reads): the pool of attention rows, the window ring inside it, the compressors'."""
+    Attention.decode reads): the pool of attention rows (the window ring at its start: rows batch.window_rows),
+    the compressors'."""
 
     def __init__(self, cache: V4Cache, layer_id: int):
         layer, ratio = cache.layers[layer_id], cache.ratios[layer_id]
@@ -249,12 +253,6 @@ class DecodeLayerStore:
     def write_window(self, kv: torch.Tensor, batch: V4DecodeBatch) -> None:
         """Each row's new key/value row (B, d) into its slot's ring, at p % window_size."""
         self.ring[batch.slots, batch.positions % self.window_size] = kv
-
-    def window_rows(self, batch: V4DecodeBatch) -> torch.Tensor:
-        """(B, window_size) int64 pool rows of positions p, p - 1, .., p - window_size + 1 (-1 before 0)."""
-        W = self.window_size
-        pos = batch.positions[:, None] - torch.arange(W, device=batch.positions.device)      # (B, W)
-        return torch.where(pos >= 0, batch.slots[:, None] * W + pos % W, -1)
 
     def entry_pool_rows(self, batch: V4DecodeBatch) -> torch.Tensor:
         """(B, E) int64 pool rows of each row's entries 0 .. E - 1 (E from the batch's entry_rows)."""

@@ -53,8 +53,9 @@ class V4CudaGraphRunner:
     def _forward(self, key: tuple[int, int]) -> torch.Tensor:
         bs, ctx = key
         r = self.runner
-        batch = r.decode_batch(self.input_ids[:bs], self.positions[:bs], self.slots[:bs],
-                               self.block_tables[:bs, :-(-ctx // self.page_size)], {m: -(-ctx // m) for m in r.ratios})
+        batch = r.cache.decode_batch(self.input_ids[:bs], self.positions[:bs], self.slots[:bs],
+                                     self.block_tables[:bs, :-(-ctx // self.page_size)],
+                                     {m: -(-ctx // m) for m in r.ratios})
         return r.model.compute_logits(r.model.decode(batch))
 
     def capture(self) -> None:

@@ -14,7 +14,7 @@ from ..checkpoint.loader_v4 import load_model_v4
 from ..config import EngineConfig
 from ..models.args_v4 import ModelArgsV4
 from ..models.deepseek_v4 import Transformer
-from ..models.v4_state import V4DecodeBatch, V4State
+from ..models.v4_state import V4State
 from .sequence import PENDING, Sequence, fill_pending
 from .v4_cache import V4Cache
 from .v4_cuda_graph import V4CudaGraphRunner
@@ -37,7 +37,6 @@ class V4StepBatch:
 class V4ModelRunner:
     def __init__(self, model: torch.nn.Module, cache: V4Cache, device: torch.device):
         self.model, self.cache, self.device = model, cache, device
-        self.stores = cache.decode_stores()
         self.ratios = sorted({m for m in cache.ratios if m})
         self.graphs: V4CudaGraphRunner | None = None
 
@@ -84,16 +83,9 @@ class V4ModelRunner:
         input_ids = packed[:B]
         fill_pending(input_ids, batch.pending_pos, batch.pending_rows, prev_tokens)
         last = max(batch.start_pos)
-        decode = self.decode_batch(input_ids, packed[B:2 * B], packed[2 * B:3 * B], packed[3 * B:].view(B, width),
-                                   {m: last // m + 1 for m in self.ratios})
+        decode = self.cache.decode_batch(input_ids, packed[B:2 * B], packed[2 * B:3 * B],
+                                         packed[3 * B:].view(B, width), {m: last // m + 1 for m in self.ratios})
         return self.model.compute_logits(self.model.decode(decode))
-
-    def decode_batch(self, input_ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
-                     block_tables: torch.Tensor, num_entries: dict[int, int]) -> V4DecodeBatch:
-        """The model's view of a decode step (all (B,) int64; block_tables (B, pages) int64; num_entries: entry
-        rows to address per compression ratio, more than any row's p // ratio)."""
-        return V4DecodeBatch(input_ids, positions, slots, self.cache.entry_rows(block_tables, num_entries),
-                             self.stores)
 
     def run(self, seqs: list[Sequence], num_new: list[int], all_logits: bool = False,
             prev_tokens: torch.Tensor | None = None) -> torch.Tensor:

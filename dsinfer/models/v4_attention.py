@@ -111,7 +111,7 @@ class Attention(nn.Module):
         sequences or a host value, so the step can be a CUDA graph. Returns (B, D)."""
         q, kv, qr, cos_sin = self._project(x, batch.positions, rope_table)
         store.write_window(kv, batch)
-        indices = store.window_rows(batch)                                          # (B, W) pool rows
+        indices = batch.window_rows                                                 # (B, W) pool rows
         if self.kind != SLIDING:
             self.compressor.decode(x, batch, store.compressor, rope_table, self.simulate_qat)
             rows = store.entry_pool_rows(batch)                                     # (B, E) pool rows of entries
@@ -119,9 +119,7 @@ class Attention(nn.Module):
                 picked = self.indexer.decode(x, qr, batch, store.indexer, rope_table, self.simulate_qat)
                 entries = torch.where(picked >= 0, rows.gather(1, picked.clamp(min=0)), -1)
             else:                                                                   # HCA: every visible entry
-                visible = torch.arange(rows.shape[1], device=x.device)[None] < \
-                    ((batch.positions + 1) // self.ratio)[:, None]
-                entries = torch.where(visible, rows, -1)
+                entries = torch.where(visible_entries(rows.shape[1], batch.positions, self.ratio) >= 0, rows, -1)
             indices = torch.cat([indices, entries], dim=1)
         return self._attend_and_project(q, store.pool, indices, cos_sin)
 

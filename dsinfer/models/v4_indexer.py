@@ -87,11 +87,9 @@ class Indexer(nn.Module):
         E = rows.shape[1]
         q, w, kv_score = self.project(x, qr, p, rope_table, simulate_qat, score=E > self.topk)
         self.compressor.decode(x, batch, store, rope_table, simulate_qat, kv_score)
-        n = (p + 1) // self.ratio                                                     # visible entries per row
-        every = torch.arange(min(E, self.topk), device=x.device)[None]
-        every = every.masked_fill(every >= n[:, None], -1)
+        every = visible_entries(min(E, self.topk), p, self.ratio)                     # (B, k), -1 = not yet
         if E <= self.topk:                   # no row can have more than index_topk entries: no scoring
             return every
         scores = indexer_scores_rows if self.attn_backend == "triton" else indexer_scores_rows_torch
         top = scores(q.contiguous(), store.entries, rows, w.contiguous(), p, self.ratio).topk(self.topk, dim=-1)
-        return torch.where((n <= self.topk)[:, None], every, top.indices)
+        return torch.where(((p + 1) // self.ratio <= self.topk)[:, None], every, top.indices)

@@ -105,6 +105,7 @@ class V4DecodeBatch:
     token_ids: torch.Tensor                # (B,) int64 (hash routing reads them)
     positions: torch.Tensor                # (B,) int64: the new token's position
     slots: torch.Tensor                    # (B,) int64: each sequence's state slot
+    window_rows: torch.Tensor              # (B, window_size) int64: pool rows of positions p, p - 1, .. (-1 < 0)
     entry_rows: dict[int, torch.Tensor]    # ratio m -> (B, E_m) int64: where entry w of row b lies among a layer's
                                            # entry rows; E_m > every row's p // m
     layers: list = field(default_factory=list)

@@ -152,3 +152,16 @@ def test_prefix_caching_and_tensor_parallel_are_refused(model_args, checkpoint):
         engine(model_args, enable_prefix_caching=True)
     with pytest.raises(ValueError, match="tensor_parallel_size 1"):
         Engine(checkpoint("v4"), EngineConfig(device="cpu", tensor_parallel_size=2, progress=False))
+
+
+@pytest.mark.parametrize("page_size", [4, 8, 16])
+def test_cache_bytes_are_what_the_budget_counts(model_args, page_size):
+    """The cache allocates what v4_cache_bytes prices (pages and slots, plus one scratch page and slot); the ring and
+    entry views of each layer's pool are not counted twice."""
+    from dsinfer.engine.v4_cache import V4Cache
+    _, args = model_args
+    per_page, per_slot = v4_cache_bytes(args, page_size, torch.float32)
+    cache = V4Cache(args, 5, page_size, 3, torch.float32, torch.device("cpu"))
+    allocated = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for layer in cache.layers
+                 for group in layer.values() for t in group.values()}
+    assert cache.nbytes == sum(allocated.values()) == per_page * 6 + per_slot * 4
