@@ -8,61 +8,103 @@ import triton.language as tl
 
 
 @triton.jit
+def _hc_mixes_kernel(
+    x_ptr, fn_ptr, part_ptr,
+    K, MIX,
+    stride_xt, stride_fn, stride_pt, stride_ps,
+    BLOCK_MIX: tl.constexpr, CHUNK: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Split K: program (t, s) forms, over inputs [s * CHUNK, (s + 1) * CHUNK) of token t's flattened streams, the
+    partial products with every row of fn and the partial sum of squares: part[t, s] = (x . fn_r for each r, x . x)."""
+    t = tl.program_id(0).to(tl.int64)
+    s = tl.program_id(1)
+    rows = tl.arange(0, BLOCK_MIX)
+    r_ok = rows < MIX
+    acc = tl.zeros((BLOCK_MIX, BLOCK_K), tl.float32)
+    sq = tl.zeros((BLOCK_K,), tl.float32)
+    for k0 in range(s * CHUNK, s * CHUNK + CHUNK, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_ok = ks < K
+        xv = tl.load(x_ptr + t * stride_xt + ks, mask=k_ok, other=0.0).to(tl.float32)
+        f = tl.load(fn_ptr + rows[:, None] * stride_fn + ks[None, :], mask=r_ok[:, None] & k_ok[None, :], other=0.0)
+        acc += f * xv[None, :]
+        sq += xv * xv
+    row = part_ptr + t * stride_pt + s * stride_ps
+    tl.store(row + rows, tl.sum(acc, axis=1), mask=r_ok)
+    tl.store(row + MIX, tl.sum(sq, axis=0))
+
+
+@triton.jit
+def _mix(mix_row, offs, mask, rnorm, SPLITS: tl.constexpr, stride_ps):
+    """Entries `offs` of a token's mixes: loaded (SPLITS = 0), or its SPLITS partial products summed, times rnorm."""
+    if SPLITS == 0:
+        return tl.load(mix_row + offs, mask=mask, other=0.0)
+    v = tl.load(mix_row + offs, mask=mask, other=0.0)
+    for s in tl.static_range(1, SPLITS):
+        v += tl.load(mix_row + s * stride_ps + offs, mask=mask, other=0.0)
+    return v * rnorm
+
+
+@triton.jit
 def _hc_pre_mix_kernel(
     # pointers
     x_ptr, mixes_ptr, scale_ptr, base_ptr, y_ptr, post_ptr, comb_ptr,
     # sizes
-    HC, D, iters, eps,
+    HC, D, iters, eps, norm_k, norm_eps,
     # strides (elements)
-    stride_xt, stride_xh, stride_mt, stride_yt, stride_pt, stride_ct, stride_ch,
+    stride_xt, stride_xh, stride_mt, stride_ms, stride_yt, stride_pt, stride_ct, stride_ch,
     # constexprs
-    BLOCK_HC: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_HC: tl.constexpr, BLOCK_D: tl.constexpr, SPLITS: tl.constexpr,
 ):
+    """Program (t, d): y[t, d-block]; program (t, 0) also post[t] and comb[t]. mixes: (T, MIX) when SPLITS = 0,
+    else the (T, SPLITS, MIX + 1) partial products of _hc_mixes_kernel, the last column the sums of squares."""
     t = tl.program_id(0).to(tl.int64)             # int64: t * stride_xt passes 2^31 for long prefills
     rows = tl.arange(0, BLOCK_HC)                  # stream j (the row of comb), padded to a power of two
     cols = tl.arange(0, BLOCK_HC)                  # stream k (the column of comb)
     r_ok, c_ok = rows < HC, cols < HC
     tile_ok = r_ok[:, None] & c_ok[None, :]
-    s0 = tl.load(scale_ptr)
-    s1 = tl.load(scale_ptr + 1)
-    s2 = tl.load(scale_ptr + 2)
     mix_row = mixes_ptr + t * stride_mt            # [pre_w (HC) | post_w (HC) | comb_w (HC*HC), row-major]
+    rnorm = 1.0
+    if SPLITS > 0:                                 # RMSNorm of the flattened streams, applied to the products
+        sq = tl.load(mix_row + (2 + HC) * HC)
+        for s in tl.static_range(1, SPLITS):
+            sq += tl.load(mix_row + s * stride_ms + (2 + HC) * HC)
+        rnorm = 1.0 / tl.sqrt(sq / norm_k + norm_eps)
 
     # pre = sigmoid(s0 * pre_w + pre_b) + eps; padded streams get 0 so they add nothing to y
-    pre = tl.load(mix_row + rows, mask=r_ok, other=0.0) * s0 + tl.load(base_ptr + rows, mask=r_ok, other=0.0)
+    pre = _mix(mix_row, rows, r_ok, rnorm, SPLITS, stride_ms) * tl.load(scale_ptr) \
+        + tl.load(base_ptr + rows, mask=r_ok, other=0.0)
     pre = tl.where(r_ok, tl.sigmoid(pre) + eps, 0.0)
 
-    # post = 2 * sigmoid(s1 * post_w + post_b)
-    post = tl.load(mix_row + HC + cols, mask=c_ok, other=0.0) * s1 + tl.load(base_ptr + HC + cols, mask=c_ok,
-                                                                             other=0.0)
-    tl.store(post_ptr + t * stride_pt + cols, 2.0 * tl.sigmoid(post), mask=c_ok)
-
-    # comb logits (BLOCK_HC, BLOCK_HC) = s2 * comb_w + comb_b; padded columns are -inf for the softmax, padded
-    # rows stay finite (all zero) so no NaN appears, and are zeroed below
-    offs = 2 * HC + rows[:, None] * HC + cols[None, :]
-    logits = tl.load(mix_row + offs, mask=tile_ok, other=0.0) * s2 + tl.load(base_ptr + offs, mask=tile_ok,
-                                                                             other=0.0)
-    logits = tl.where(c_ok[None, :], logits, float("-inf"))
-    # softmax over each row, + eps; then zero the padding so the sums below see only the hc x hc block
-    e = tl.exp(logits - tl.max(logits, axis=1)[:, None])
-    c = e / tl.sum(e, axis=1)[:, None] + eps
-    c = tl.where(tile_ok, c, 0.0)
-    # Sinkhorn: a column pass, then iters - 1 (row pass, column pass); zeros stay zero
-    c = c / (tl.sum(c, axis=0)[None, :] + eps)
-    for _ in range(iters - 1):
-        c = c / (tl.sum(c, axis=1)[:, None] + eps)
+    if tl.program_id(1) == 0:
+        # post = 2 * sigmoid(s1 * post_w + post_b)
+        post = _mix(mix_row, HC + cols, c_ok, rnorm, SPLITS, stride_ms) * tl.load(scale_ptr + 1) \
+            + tl.load(base_ptr + HC + cols, mask=c_ok, other=0.0)
+        tl.store(post_ptr + t * stride_pt + cols, 2.0 * tl.sigmoid(post), mask=c_ok)
+        # comb logits (BLOCK_HC, BLOCK_HC) = s2 * comb_w + comb_b; padded columns are -inf for the softmax, padded
+        # rows stay finite (all zero) so no NaN appears, and are zeroed below
+        offs = 2 * HC + rows[:, None] * HC + cols[None, :]
+        logits = _mix(mix_row, offs, tile_ok, rnorm, SPLITS, stride_ms) * tl.load(scale_ptr + 2) \
+            + tl.load(base_ptr + offs, mask=tile_ok, other=0.0)
+        logits = tl.where(c_ok[None, :], logits, float("-inf"))
+        # softmax over each row, + eps; then zero the padding so the sums below see only the hc x hc block
+        e = tl.exp(logits - tl.max(logits, axis=1)[:, None])
+        c = e / tl.sum(e, axis=1)[:, None] + eps
+        c = tl.where(tile_ok, c, 0.0)
+        # Sinkhorn: a column pass, then iters - 1 (row pass, column pass); zeros stay zero
         c = c / (tl.sum(c, axis=0)[None, :] + eps)
-    tl.store(comb_ptr + t * stride_ct + rows[:, None] * stride_ch + cols[None, :], c, mask=tile_ok)
+        for _ in range(iters - 1):
+            c = c / (tl.sum(c, axis=1)[:, None] + eps)
+            c = c / (tl.sum(c, axis=0)[None, :] + eps)
+        tl.store(comb_ptr + t * stride_ct + rows[:, None] * stride_ch + cols[None, :], c, mask=tile_ok)
 
-    # y = sum_k pre_k x_k, streamed over D in blocks: each block is a (BLOCK_HC, BLOCK_D) tile of x
-    x_row = x_ptr + t * stride_xt
-    for d0 in range(0, D, BLOCK_D):
-        dims = d0 + tl.arange(0, BLOCK_D)
-        d_ok = dims < D
-        xs = tl.load(x_row + rows[:, None] * stride_xh + dims[None, :], mask=r_ok[:, None] & d_ok[None, :],
-                     other=0.0).to(tl.float32)
-        y = tl.sum(pre[:, None] * xs, axis=0)                                           # (BLOCK_D,)
-        tl.store(y_ptr + t * stride_yt + dims, y.to(y_ptr.dtype.element_ty), mask=d_ok)
+    # y = sum_k pre_k x_k over this program's block of D: a (BLOCK_HC, BLOCK_D) tile of x
+    dims = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    d_ok = dims < D
+    xs = tl.load(x_ptr + t * stride_xt + rows[:, None] * stride_xh + dims[None, :], mask=r_ok[:, None] & d_ok[None, :],
+                 other=0.0).to(tl.float32)
+    y = tl.sum(pre[:, None] * xs, axis=0)                                               # (BLOCK_D,)
+    tl.store(y_ptr + t * stride_yt + dims, y.to(y_ptr.dtype.element_ty), mask=d_ok)
 
 
 @triton.jit
@@ -99,14 +141,34 @@ def _block_d(D: int) -> int:
 
 
 def launch_pre_mix(x: torch.Tensor, mixes: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, iters: int,
-                   eps: float, y: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> None:
-    """Checked by hyper_connections.hc_pre_mix; writes y (T, D), post (T, hc), comb (T, hc, hc)."""
+                   eps: float, y: torch.Tensor, post: torch.Tensor, comb: torch.Tensor,
+                   norm_eps: float = 0.0) -> None:
+    """Checked by hyper_connections.hc_pre_mix / hc_pre; writes y (T, D), post (T, hc), comb (T, hc, hc). mixes:
+    (T, MIX), or (T, splits, MIX + 1) partial products (launch_mixes) to be summed and RMS-normalised here."""
     T, HC, D = x.shape
-    _hc_pre_mix_kernel[(T,)](
+    BLOCK_D = _block_d(D)
+    splits = mixes.shape[1] if mixes.dim() == 3 else 0
+    _hc_pre_mix_kernel[(T, triton.cdiv(D, BLOCK_D))](
         x, mixes, scale, base, y, post, comb,
-        HC, D, iters, eps,
-        x.stride(0), x.stride(1), mixes.stride(0), y.stride(0), post.stride(0), comb.stride(0), comb.stride(1),
-        BLOCK_HC=triton.next_power_of_2(HC), BLOCK_D=_block_d(D), num_warps=4)
+        HC, D, iters, eps, float(HC * D), norm_eps,
+        x.stride(0), x.stride(1), mixes.stride(0), mixes.stride(1) if splits else 0, y.stride(0), post.stride(0),
+        comb.stride(0), comb.stride(1),
+        BLOCK_HC=triton.next_power_of_2(HC), BLOCK_D=BLOCK_D, SPLITS=splits, num_warps=1)
+
+
+MIXES_CHUNK = 512                              # inputs per program of launch_mixes
+
+
+def launch_mixes(x: torch.Tensor, fn: torch.Tensor) -> torch.Tensor:
+    """x: (T, hc, D) contiguous, fn: (MIX, hc*D) float32 contiguous -> (T, splits, MIX + 1) float32 partials."""
+    T, K = x.shape[0], x.shape[1] * x.shape[2]
+    mix = fn.shape[0]
+    splits = triton.cdiv(K, MIXES_CHUNK)
+    part = torch.empty((T, splits, mix + 1), dtype=torch.float32, device=x.device)
+    _hc_mixes_kernel[(T, splits)](x, fn, part, K, mix, K, fn.stride(0), part.stride(0), part.stride(1),
+                                  BLOCK_MIX=triton.next_power_of_2(mix), CHUNK=MIXES_CHUNK, BLOCK_K=128,
+                                  num_warps=4)
+    return part
 
 
 def launch_post(out: torch.Tensor, x: torch.Tensor, post: torch.Tensor, comb: torch.Tensor,

@@ -10,16 +10,10 @@ weights `pre` and computes the weights for after it: `post` (how the sublayer ou
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
+from ..kernels.hyper_connections import hc_mixes_torch, hc_post_torch, hc_pre_torch
 from ..kernels.hyper_connections import hc_post as hc_post_kernel
-from ..kernels.hyper_connections import hc_post_torch, hc_pre_mix, hc_pre_mix_torch
-
-
-def _mixes(x: torch.Tensor, fn: torch.Tensor, norm_eps: float) -> torch.Tensor:
-    """(T, hc, D) -> (T, fn rows) float32: the projection of the RMS-normalised flattened streams."""
-    xf = x.flatten(1).float()                                                   # (T, hc*D)
-    return F.linear(xf, fn.float()) * torch.rsqrt(xf.square().mean(-1, keepdim=True) + norm_eps)
+from ..kernels.hyper_connections import hc_pre as hc_pre_kernel
 
 
 def hc_pre(x: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, iters: int, eps: float,
@@ -28,10 +22,10 @@ def hc_pre(x: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.T
     (T, D) in x's dtype, post (T, hc) and comb (T, hc, hc) float32: pre = sigmoid weights of the streams, post
     = 2 sigmoid, comb = Sinkhorn of the rest (kernels/hyper_connections.py has the formulas; `triton`: its kernel,
     else its PyTorch twin)."""
-    mixes = _mixes(x, fn, norm_eps)                                             # (T, (2+hc)*hc)
     if triton:
-        return hc_pre_mix(x.contiguous(), mixes.contiguous(), scale.float(), base.float(), iters, eps)
-    return hc_pre_mix_torch(x, mixes, scale, base, iters, eps)
+        return hc_pre_kernel(x.contiguous(), fn.float().contiguous(), scale.float(), base.float(), iters, eps,
+                             norm_eps)
+    return hc_pre_torch(x, fn, scale, base, iters, eps, norm_eps)
 
 
 def hc_post(out: torch.Tensor, x: torch.Tensor, post: torch.Tensor, comb: torch.Tensor,
@@ -46,5 +40,5 @@ def hc_post(out: torch.Tensor, x: torch.Tensor, post: torch.Tensor, comb: torch.
 def hc_head(x: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, eps: float,
             norm_eps: float) -> torch.Tensor:
     """x: (T, hc, D); fn: (hc, hc*D), scale: (1,), base: (hc,) -> (T, D) in x's dtype."""
-    pre = torch.sigmoid(_mixes(x, fn, norm_eps) * scale.float() + base.float()) + eps   # (T, hc)
+    pre = torch.sigmoid(hc_mixes_torch(x, fn, norm_eps) * scale.float() + base.float()) + eps   # (T, hc)
     return (pre.unsqueeze(-1) * x.float()).sum(dim=1).to(x.dtype)

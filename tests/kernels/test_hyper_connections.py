@@ -6,8 +6,9 @@ block, several blocks), float32 and bfloat16 streams, one and twenty Sinkhorn it
 import pytest
 import torch
 
-from dsinfer.kernels.hyper_connections import hc_post, hc_post_torch, hc_pre_mix, hc_pre_mix_torch
-from dsinfer.models.hyper_connections import _mixes
+from dsinfer.kernels import hyper_connections as hck
+from dsinfer.kernels.hyper_connections import hc_mixes_torch as _mixes
+from dsinfer.kernels.hyper_connections import hc_post, hc_post_torch, hc_pre, hc_pre_mix, hc_pre_mix_torch, hc_pre_torch
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"     # CPU: Triton's interpreter (set in conftest)
 EPS, NORM_EPS = 1e-6, 1e-6
@@ -95,6 +96,30 @@ def test_pre_mix_kernel_equals_twin(T, hc, D, dtype, iters):
         torch.testing.assert_close(comb.sum(dim=2), torch.ones(T, hc), rtol=0, atol=1e-2)
 
 
+def reference_mixes(x, fn, norm_eps):
+    """float64: (flattened streams / their RMS) @ fn^T, token by token."""
+    xf = x.flatten(1).double()
+    return torch.stack([fn.double() @ (r / torch.sqrt(r.square().mean() + norm_eps)) for r in xf])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("T,hc,D", [(1, 4, 64), (3, 3, 100), (2, 4, 300), (2, 2, 257)])
+def test_fused_pre_equals_twin_and_reference(T, hc, D, dtype, monkeypatch):
+    """hc_pre forms the projection in split chunks (hc * D = 1200 spans three chunks of 512, a ragged last one);
+    past FUSED_MAX_T tokens it takes the torch projection, with the same results."""
+    pytest.importorskip("triton")
+    x, fn, scale, base, _ = case(T, hc, D, dtype, seed=4)
+    torch.testing.assert_close(_mixes(x, fn, NORM_EPS).double(), reference_mixes(x, fn, NORM_EPS), rtol=1e-5,
+                               atol=1e-5)
+    want = hc_pre_torch(x, fn, scale, base, 20, EPS, NORM_EPS)
+    for max_t in (hck.FUSED_MAX_T, 0):
+        monkeypatch.setattr(hck, "FUSED_MAX_T", max_t)
+        got = hc_pre(*(t.to(DEVICE) for t in (x, fn, scale, base)), 20, EPS, NORM_EPS)
+        for g, w, d in zip(got, want, (dtype, torch.float32, torch.float32)):
+            assert g.dtype == w.dtype and g.shape == w.shape
+            close(g.cpu(), w, d)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("D", [64, 100, 257])
 @pytest.mark.parametrize("hc", [4, 2, 3])
@@ -128,6 +153,8 @@ def test_kernels_take_no_tokens():
     x, fn, scale, base, out = (t.to(DEVICE) for t in case(0, 4, 64, torch.bfloat16))
     y, post, comb = hc_pre_mix(x, torch.empty(0, 24, device=DEVICE), scale, base, 20, EPS)
     assert y.shape == (0, 64) and y.dtype == torch.bfloat16 and post.shape == (0, 4) and comb.shape == (0, 4, 4)
+    y, post, comb = hc_pre(x, fn, scale, base, 20, EPS, NORM_EPS)
+    assert y.shape == (0, 64) and y.dtype == torch.bfloat16 and post.shape == (0, 4) and comb.shape == (0, 4, 4)
     assert hc_post(out, x, post, comb).shape == (0, 4, 64)
 
 
@@ -149,6 +176,12 @@ def test_kernels_check_their_arguments():
         hc_pre_mix(x, mixes[:, :20].contiguous(), scale, base, 20, EPS)
     with pytest.raises(ValueError, match="shapes do not agree"):
         hc_pre_mix(x, mixes, scale[:2].contiguous(), base, 20, EPS)
+    with pytest.raises(ValueError, match=r"needs fn \(24, 256\); got \(24, 128\)"):
+        hc_pre(x, fn[:, :128].contiguous(), scale, base, 20, EPS, NORM_EPS)
+    with pytest.raises(TypeError, match="fn must be float32; got bfloat16"):
+        hc_pre(x, fn.bfloat16(), scale, base, 20, EPS, NORM_EPS)
+    with pytest.raises(ValueError, match="shapes do not agree"):
+        hc_pre(x, fn, scale, base[:3].contiguous(), 20, EPS, NORM_EPS)
     with pytest.raises(ValueError, match="shapes do not agree"):
         hc_post(out[:, :32].contiguous(), x, post, comb)
     with pytest.raises(ValueError, match="shapes do not agree"):
