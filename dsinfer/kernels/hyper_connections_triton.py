@@ -35,14 +35,13 @@ def _hc_mixes_kernel(
 
 
 @triton.jit
-def _mix(mix_row, offs, mask, rnorm, SPLITS: tl.constexpr, stride_ps):
-    """Entries `offs` of a token's mixes: loaded (SPLITS = 0), or its SPLITS partial products summed, times rnorm."""
-    if SPLITS == 0:
-        return tl.load(mix_row + offs, mask=mask, other=0.0)
-    v = tl.load(mix_row + offs, mask=mask, other=0.0)
-    for s in tl.static_range(1, SPLITS):
-        v += tl.load(mix_row + s * stride_ps + offs, mask=mask, other=0.0)
-    return v * rnorm
+def _mix(mix_row, offs, mask, rnorm, splits, stride_ms, SPLITS: tl.constexpr):
+    """Entries `offs` (1-D) of a token's mixes: the sum of its `splits` rows of partial products (one row: the
+    mixes themselves), times rnorm. SPLITS: splits rounded up to a power of two."""
+    s = tl.arange(0, SPLITS)
+    parts = tl.load(mix_row + s[:, None] * stride_ms + offs[None, :], mask=(s < splits)[:, None] & mask[None, :],
+                    other=0.0)
+    return tl.sum(parts, axis=0) * rnorm
 
 
 @triton.jit
@@ -50,14 +49,15 @@ def _hc_pre_mix_kernel(
     # pointers
     x_ptr, mixes_ptr, scale_ptr, base_ptr, y_ptr, post_ptr, comb_ptr,
     # sizes
-    HC, D, iters, eps, norm_k, norm_eps,
+    HC, D, iters, eps, norm_k, norm_eps, splits,
     # strides (elements)
     stride_xt, stride_xh, stride_mt, stride_ms, stride_yt, stride_pt, stride_ct, stride_ch,
     # constexprs
-    BLOCK_HC: tl.constexpr, BLOCK_D: tl.constexpr, SPLITS: tl.constexpr,
+    BLOCK_HC: tl.constexpr, BLOCK_D: tl.constexpr, SPLITS: tl.constexpr, NORM: tl.constexpr,
 ):
-    """Program (t, d): y[t, d-block]; program (t, 0) also post[t] and comb[t]. mixes: (T, MIX) when SPLITS = 0,
-    else the (T, SPLITS, MIX + 1) partial products of _hc_mixes_kernel, the last column the sums of squares."""
+    """Program (t, d): y[t, d-block]; program (t, 0) also post[t] and comb[t]. NORM: mixes holds the (T, splits,
+    MIX + 1) partial products of _hc_mixes_kernel (the last column the sums of squares), SPLITS = splits rounded
+    up to a power of two; else the (T, MIX) mixes themselves (SPLITS = 1)."""
     t = tl.program_id(0).to(tl.int64)             # int64: t * stride_xt passes 2^31 for long prefills
     rows = tl.arange(0, BLOCK_HC)                  # stream j (the row of comb), padded to a power of two
     cols = tl.arange(0, BLOCK_HC)                  # stream k (the column of comb)
@@ -65,27 +65,29 @@ def _hc_pre_mix_kernel(
     tile_ok = r_ok[:, None] & c_ok[None, :]
     mix_row = mixes_ptr + t * stride_mt            # [pre_w (HC) | post_w (HC) | comb_w (HC*HC), row-major]
     rnorm = 1.0
-    if SPLITS > 0:                                 # RMSNorm of the flattened streams, applied to the products
-        sq = tl.load(mix_row + (2 + HC) * HC)
-        for s in tl.static_range(1, SPLITS):
-            sq += tl.load(mix_row + s * stride_ms + (2 + HC) * HC)
+    if NORM:                                       # RMSNorm of the flattened streams, applied to the products
+        sq = tl.sum(tl.load(mix_row + tl.arange(0, SPLITS) * stride_ms + (2 + HC) * HC,
+                            mask=tl.arange(0, SPLITS) < splits, other=0.0), axis=0)
         rnorm = 1.0 / tl.sqrt(sq / norm_k + norm_eps)
 
     # pre = sigmoid(s0 * pre_w + pre_b) + eps; padded streams get 0 so they add nothing to y
-    pre = _mix(mix_row, rows, r_ok, rnorm, SPLITS, stride_ms) * tl.load(scale_ptr) \
+    pre = _mix(mix_row, rows, r_ok, rnorm, splits, stride_ms, SPLITS) * tl.load(scale_ptr) \
         + tl.load(base_ptr + rows, mask=r_ok, other=0.0)
     pre = tl.where(r_ok, tl.sigmoid(pre) + eps, 0.0)
 
     if tl.program_id(1) == 0:
         # post = 2 * sigmoid(s1 * post_w + post_b)
-        post = _mix(mix_row, HC + cols, c_ok, rnorm, SPLITS, stride_ms) * tl.load(scale_ptr + 1) \
+        post = _mix(mix_row, HC + cols, c_ok, rnorm, splits, stride_ms, SPLITS) * tl.load(scale_ptr + 1) \
             + tl.load(base_ptr + HC + cols, mask=c_ok, other=0.0)
         tl.store(post_ptr + t * stride_pt + cols, 2.0 * tl.sigmoid(post), mask=c_ok)
-        # comb logits (BLOCK_HC, BLOCK_HC) = s2 * comb_w + comb_b; padded columns are -inf for the softmax, padded
-        # rows stay finite (all zero) so no NaN appears, and are zeroed below
-        offs = 2 * HC + rows[:, None] * HC + cols[None, :]
-        logits = _mix(mix_row, offs, tile_ok, rnorm, SPLITS, stride_ms) * tl.load(scale_ptr + 2) \
-            + tl.load(base_ptr + offs, mask=tile_ok, other=0.0)
+        # comb logits (BLOCK_HC, BLOCK_HC) = s2 * comb_w + comb_b, gathered flat; padded columns are -inf for the
+        # softmax, padded rows stay finite (all zero) so no NaN appears, and are zeroed below
+        flat = tl.arange(0, BLOCK_HC * BLOCK_HC)
+        flat_ok = (flat // BLOCK_HC < HC) & (flat % BLOCK_HC < HC)
+        offs = 2 * HC + (flat // BLOCK_HC) * HC + flat % BLOCK_HC
+        logits = _mix(mix_row, offs, flat_ok, rnorm, splits, stride_ms, SPLITS) * tl.load(scale_ptr + 2) \
+            + tl.load(base_ptr + offs, mask=flat_ok, other=0.0)
+        logits = tl.reshape(logits, (BLOCK_HC, BLOCK_HC))
         logits = tl.where(c_ok[None, :], logits, float("-inf"))
         # softmax over each row, + eps; then zero the padding so the sums below see only the hc x hc block
         e = tl.exp(logits - tl.max(logits, axis=1)[:, None])
@@ -147,16 +149,17 @@ def launch_pre_mix(x: torch.Tensor, mixes: torch.Tensor, scale: torch.Tensor, ba
     (T, MIX), or (T, splits, MIX + 1) partial products (launch_mixes) to be summed and RMS-normalised here."""
     T, HC, D = x.shape
     BLOCK_D = _block_d(D)
-    splits = mixes.shape[1] if mixes.dim() == 3 else 0
+    splits = mixes.shape[1] if mixes.dim() == 3 else 1
     _hc_pre_mix_kernel[(T, triton.cdiv(D, BLOCK_D))](
         x, mixes, scale, base, y, post, comb,
-        HC, D, iters, eps, float(HC * D), norm_eps,
-        x.stride(0), x.stride(1), mixes.stride(0), mixes.stride(1) if splits else 0, y.stride(0), post.stride(0),
-        comb.stride(0), comb.stride(1),
-        BLOCK_HC=triton.next_power_of_2(HC), BLOCK_D=BLOCK_D, SPLITS=splits, num_warps=1)
+        HC, D, iters, eps, float(HC * D), norm_eps, splits,
+        x.stride(0), x.stride(1), mixes.stride(0), mixes.stride(1) if mixes.dim() == 3 else 0, y.stride(0),
+        post.stride(0), comb.stride(0), comb.stride(1),
+        BLOCK_HC=triton.next_power_of_2(HC), BLOCK_D=BLOCK_D, SPLITS=triton.next_power_of_2(splits),
+        NORM=mixes.dim() == 3, num_warps=1)
 
 
-MIXES_CHUNK = 512                              # inputs per program of launch_mixes
+MIXES_CHUNK = 128                              # inputs per program of launch_mixes: one K step each
 
 
 def launch_mixes(x: torch.Tensor, fn: torch.Tensor) -> torch.Tensor:

@@ -19,19 +19,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels.fp4 import fp8_act_quant_dequant_torch
+from ..kernels.v4_rope import head_rope, head_rope_torch
 from ..kernels.v4_sparse_attention import sparse_attention, sparse_attention_torch
 from .args_v4 import CSA, SLIDING, ModelArgsV4
 from .layers import Linear, RMSNorm
-from .rope import apply_rotary
 from .v4_compressor import KV_QAT_BLOCK, Compressor
 from .v4_indexer import Indexer, visible_entries
 from .v4_state import CompressorState, LayerState, V4Batch, V4DecodeBatch
-
-
-def rms_unweighted(x: torch.Tensor, eps: float) -> torch.Tensor:
-    """x / sqrt(mean(x^2) + eps) over the last dim; the factor in float32, the product in x's dtype (as HF)."""
-    return x * torch.rsqrt(x.float().square().mean(-1, keepdim=True) + eps).to(x.dtype)
 
 
 def _take(t, rows: slice):
@@ -129,12 +123,10 @@ class Attention(nn.Module):
         T, rd = x.shape[0], self.rope_head_dim
         cos_sin = rope_table[positions]                                             # (T, rope/2, 2)
         qr = self.q_norm(self.wq_a(x))                                              # (T, q_lora)
-        q = rms_unweighted(self.wq_b(qr).view(T, self.n_heads, self.head_dim), self.eps)
-        q = torch.cat([q[..., :-rd], apply_rotary(q[..., -rd:], cos_sin)], dim=-1)   # (T, H, head_dim)
-        kv = self.kv_norm(self.wkv(x))
-        kv = torch.cat([kv[:, :-rd], apply_rotary(kv[:, -rd:], cos_sin)], dim=-1)    # (T, head_dim)
-        if self.simulate_qat:
-            kv = torch.cat([fp8_act_quant_dequant_torch(kv[:, :-rd], KV_QAT_BLOCK), kv[:, -rd:]], dim=-1)
+        rope = head_rope if self.attn_backend == "triton" else head_rope_torch      # (kernels/v4_rope.py)
+        # q: unweighted RMS norm per head, then the rotary; kv: the rotary, and the QAT rounding of the rest
+        q = rope(self.wq_b(qr).view(T, self.n_heads, self.head_dim), cos_sin, rd, eps=self.eps)   # (T, H, d)
+        kv = rope(self.kv_norm(self.wkv(x)), cos_sin, rd, qat_block=KV_QAT_BLOCK if self.simulate_qat else 0)
         return q, kv, qr, cos_sin
 
     def _attend_and_project(self, q: torch.Tensor, pool: torch.Tensor, indices: torch.Tensor,
@@ -148,8 +140,8 @@ class Attention(nn.Module):
             o = sparse_attention_torch(q, pool, indices, self.attn_sink, self.softmax_scale)     # (T, H, d)
 
         # Undo the rotation the values carried: rotate the output's rope part by minus the query angle.
-        conj = torch.stack([cos_sin[..., 0], -cos_sin[..., 1]], dim=-1)             # (no host tensor: graphs)
-        o = torch.cat([o[..., :-rd], apply_rotary(o[..., -rd:], conj)], -1)
+        rope = head_rope if self.attn_backend == "triton" else head_rope_torch
+        o = rope(o, cos_sin, rd, inverse=True)
         o = o.view(T, self.o_groups, -1)                                            # (T, G, H/G * head_dim)
         wo_a = self.wo_a.dense(q.dtype).view(self.o_groups, self.o_lora_rank, -1)
         z = torch.einsum("tgd,grd->tgr", o, wo_a)                                   # (T, G, o_lora)
