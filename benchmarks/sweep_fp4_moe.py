@@ -16,6 +16,7 @@ import itertools
 import torch
 from sweep_small_m import graph_time_us
 
+from dsinfer.kernels import fp4_gemv_triton as gv
 from dsinfer.kernels import fused_moe as fm
 
 
@@ -23,6 +24,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--ts", default="1,32")
     p.add_argument("--configs", action="store_true", help="also sweep the grouped GEMM's launch configurations")
+    p.add_argument("--gemv-configs", action="store_true", help="also sweep the one-token GEMV's configurations")
     a = p.parse_args()
     dev, E, D, inter, k = "cuda", 256, 4096, 2048, 6
     g = torch.Generator(dev).manual_seed(0)
@@ -59,6 +61,8 @@ def main() -> None:
             us = timed()
             print(f"T={T} {name}: {us:.1f} us, {gb / us * 1e3:.2f} TB/s of {gb * 1e3:.0f} MB (max error {err:.1e} "
                   f"of the largest output)", flush=True)
+        if T == 1 and a.gemv_configs:
+            sweep_gemv(timed)
         fm._fp4_gemv = lambda T_, mode: False
         if not a.configs:
             continue
@@ -76,6 +80,24 @@ def main() -> None:
             print(f"T={T} scaled dot, best (BLOCK_N, BLOCK_K, warps, stages) for {which}: "
                   + "; ".join(f"{c} {us:.1f} us" for us, c in sorted(results)[:4]), flush=True)
         fm._scaled_dot, fm._fp4_gemv = default_sd, default_gemv
+
+
+def sweep_gemv(timed) -> None:
+    """The one-token GEMV's (BLOCK_N, BLOCK_B, num_warps), for gate/up and down separately."""
+    default = gv._gemv_config
+    for which in ("gate/up", "down"):
+        results = []
+        for c in itertools.product((4, 8, 16, 32), (256, 512, 1024), (2, 4, 8)):
+            def cfg(N, K, slots, gated, c=c, which=which):
+                return c if gated == (which == "gate/up") else default(N, K, slots, gated)
+            gv._gemv_config = cfg
+            try:
+                results.append((timed(5), c))
+            except Exception as exc:  # noqa: BLE001  (a large tile can run out of registers)
+                print(f"  gemv {which} {c}: {type(exc).__name__}", flush=True)
+        gv._gemv_config = default
+        print(f"T=1 gemv, best (BLOCK_N, BLOCK_B, warps) for {which}: "
+              + "; ".join(f"{c} {us:.1f} us" for us, c in sorted(results)[:6]), flush=True)
 
 
 if __name__ == "__main__":

@@ -96,11 +96,17 @@ def fp4_gemv_slots(a: torch.Tensor, w: torch.Tensor, w_s: torch.Tensor, w3: torc
     gated = w3 is not None
     N, K = w.shape[1], 2 * w.shape[2]
     slots = indices.numel()
-    block_n = 16 if triton.cdiv(N, 16) * slots >= 264 else 8      # at least two programs per SM (H100: 132)
+    block_n, block_b, warps = _gemv_config(N, K, slots, gated)
     grid = (slots, triton.cdiv(N, block_n))
     _fp4_gemv_kernel[grid](
         a, w, w_s, w3 if gated else w, w3_s if gated else w_s, out, indices, route_w,
         N, K, indices.shape[1], first, w.shape[0],
         a.stride(0), w.stride(0), w.stride(1), w_s.stride(0), w_s.stride(1), out.stride(0),
-        BLOCK_N=block_n, BLOCK_B=min(512, triton.next_power_of_2(K // 2)), GATED=gated, MUL_ROUTE=mul_route,
-        SWIGLU_LIMIT=float(swiglu_limit) if gated else 0.0, num_warps=4)
+        BLOCK_N=block_n, BLOCK_B=min(block_b, triton.next_power_of_2(K // 2)), GATED=gated, MUL_ROUTE=mul_route,
+        SWIGLU_LIMIT=float(swiglu_limit) if gated else 0.0, num_warps=warps)
+
+
+def _gemv_config(N: int, K: int, slots: int, gated: bool) -> tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_B, num_warps): at least two programs per SM (H100: 132); benchmarks/sweep_fp4_moe.py
+    --gemv-configs measures the alternatives."""
+    return (16 if triton.cdiv(N, 16) * slots >= 264 else 8), 512, 4
