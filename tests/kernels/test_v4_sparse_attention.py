@@ -1,6 +1,7 @@
 """DeepSeek-V4 sparse attention with a sink: the Triton kernel (Triton's interpreter on CPU) against its PyTorch
 twin, and the twin against a plain loop over tokens and heads. Grids cross ragged head blocks (H not a multiple
-of 16), head dims that are not powers of two, K across index blocks, skipped (-1) indices and a token with none."""
+of 16), head dims that are not powers of two, K across index blocks, skipped (-1) indices and a token with none,
+and few tokens with many indices, which the kernel splits into ranges merged by log-sum-exp."""
 
 import pytest
 import torch
@@ -43,7 +44,8 @@ def test_twin_equals_a_plain_loop(T, H, D, K, N):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("T,H,D,K,N", [(1, 4, 64, 1, 3), (3, 20, 96, 40, 50), (2, 16, 128, 70, 200)])
+@pytest.mark.parametrize("T,H,D,K,N", [(1, 4, 64, 1, 3), (3, 20, 96, 40, 50), (2, 16, 128, 70, 200),
+                                       (1, 20, 96, 300, 400), (2, 16, 320, 130, 150)])   # split into ranges
 def test_kernel_equals_twin(T, H, D, K, N, dtype):
     pytest.importorskip("triton")
     q, kv, idx, sink = case(T, H, D, K, N, dtype, seed=1)
