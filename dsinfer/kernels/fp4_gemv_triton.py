@@ -5,10 +5,11 @@ product, run without tensor cores. `fused_moe` calls this for T = 1 in mode "fp4
 Why not the grouped GEMM: at one row the tensor-core dot decodes every weight to bf16 in the MMA layout and then
 multiplies 15 rows of zeros; the decode is what limits it (112 us for V4-Flash's 6 experts of 4096 x 2048, 0.7
 TB/s, against 61 us here: benchmarks/sweep_fp4_moe.py). Here a program holds BLOCK_N output rows and walks K
-in steps of BLOCK_B packed bytes, loaded along the row (contiguous). The decode is two integer ops and a shift
-per code: e2m1's exponent and mantissa bits placed as a float16's (exponent field 0-3, its top mantissa bit),
-which reads exactly fp4(code) / 2^14 (code 1, 0.5, is float16's subnormal 2^-15); each run of 16 bytes (32
-inputs) shares one E8M0 scale, so products are summed per run and scaled once, times 2^14.
+in steps of BLOCK_B packed bytes, loaded along the row (contiguous). The kernel is bound by its ALU work, not by
+its loads (every launch configuration within 3%: BENCHMARKS.md), so the decode is integer masks and shifts only:
+e2m1's bits placed as a float32's, which reads exactly fp4(code) * 2^-126, multiplied by x * 2^63 (an earlier
+float16 placement needed a float16 -> float32 conversion per code, a quarter-rate instruction); each run of 16
+bytes (32 inputs) shares one E8M0 scale, so products are summed per run and scaled once, times 2^63.
 
 One launch per GEMM, a program per (slot, BLOCK_N rows): gate/up (w1 and w3 with the SwiGLU, V4's clamp and,
 with route_on_h, the routing weight; stored in h's dtype) and down (scaled by the routing weight unless it was
@@ -22,9 +23,17 @@ import triton.language as tl
 
 
 @triton.jit
-def _e2m1_f16(code):
-    """int32 nibbles (0..15) -> float32 fp4(code) / 2^14, exactly."""
-    return (((code & 7) << 9) | ((code & 8) << 12)).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+def _e2m1_lo(u):
+    """int32 bytes -> float32 fp4(low nibble) * 2^-126, exactly: e2m1's sign, exponent and mantissa bits placed as
+    a float32's (exponent field 0-3, top mantissa bit), no conversion instruction; code 1 (0.5) is the float32
+    subnormal 2^-127, which a GPU's fp32 multiply keeps (no flush to zero outside libdevice)."""
+    return (((u & 7) << 22) | ((u & 8) << 28)).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _e2m1_hi(u):
+    """int32 bytes -> float32 fp4(high nibble) * 2^-126, as _e2m1_lo."""
+    return (((u & 0x70) << 18) | ((u & 0x80) << 24)).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -45,6 +54,8 @@ def _fp4_gemv_kernel(
     """out[slot, n] for BLOCK_N rows n of the slot's expert: w (E, N, K/2) packed bytes with (E, N, K/32) scales.
     GATED: x row = slot // top_k, out = silu(min(g, L)) * clamp(u, -L, L) (no clamp at L = 0), g and u from w and w3;
     else x row = slot. MUL_ROUTE: times route[slot]."""
+    X_SCALE: tl.constexpr = 2.0 ** 63     # the products fp4 * 2^-126 * x * 2^63 stay normal floats
+    ACC_SCALE: tl.constexpr = 2.0 ** 63
     slot = tl.program_id(0)
     expert = tl.load(idx_ptr + slot).to(tl.int32) - first
     if (expert < 0) | (expert >= n_local):
@@ -63,21 +74,21 @@ def _fp4_gemv_kernel(
     half = K // 2
     for i in range(0, half, BLOCK_B):
         b_ok = i + offs_b < half                                                    # K is a multiple of 32
-        x_lo = tl.load(x_row + 2 * (i + offs_b), mask=b_ok, other=0.0).to(tl.float32)
-        x_hi = tl.load(x_row + 2 * (i + offs_b) + 1, mask=b_ok, other=0.0).to(tl.float32)
+        x_lo = tl.load(x_row + 2 * (i + offs_b), mask=b_ok, other=0.0).to(tl.float32) * X_SCALE
+        x_hi = tl.load(x_row + 2 * (i + offs_b) + 1, mask=b_ok, other=0.0).to(tl.float32) * X_SCALE
         g_ok = (i // 16 + offs_g < half // 16)[None, :]
         u = tl.load(w_ptr + w_off + i, mask=b_ok[None, :], other=0).to(tl.int32)
         s = tl.load(w_s_ptr + s_off + i // 16, mask=g_ok, other=127).to(tl.int32)
-        p = _e2m1_f16(u & 0xF) * x_lo[None, :] + _e2m1_f16(u >> 4) * x_hi[None, :]
+        p = _e2m1_lo(u) * x_lo[None, :] + _e2m1_hi(u) * x_hi[None, :]
         acc += tl.sum(tl.sum(tl.reshape(p, (BLOCK_N, BLOCK_B // 16, 16)), 2) * _e8m0(s), 1)
         if GATED:
             u3 = tl.load(w3_ptr + w_off + i, mask=b_ok[None, :], other=0).to(tl.int32)
             s3 = tl.load(w3_s_ptr + s_off + i // 16, mask=g_ok, other=127).to(tl.int32)
-            p3 = _e2m1_f16(u3 & 0xF) * x_lo[None, :] + _e2m1_f16(u3 >> 4) * x_hi[None, :]
+            p3 = _e2m1_lo(u3) * x_lo[None, :] + _e2m1_hi(u3) * x_hi[None, :]
             acc3 += tl.sum(tl.sum(tl.reshape(p3, (BLOCK_N, BLOCK_B // 16, 16)), 2) * _e8m0(s3), 1)
-    acc *= 16384.0                                                                  # the float16 decode's 2^-14
+    acc *= ACC_SCALE                                                                # 2^126 / X_SCALE
     if GATED:
-        acc3 *= 16384.0
+        acc3 *= ACC_SCALE
         if SWIGLU_LIMIT > 0:
             acc = tl.minimum(acc, SWIGLU_LIMIT)
             acc3 = tl.minimum(tl.maximum(acc3, -SWIGLU_LIMIT), SWIGLU_LIMIT)
