@@ -120,4 +120,4 @@ def fp4_gemv_slots(a: torch.Tensor, w: torch.Tensor, w_s: torch.Tensor, w3: torc
 def _gemv_config(N: int, K: int, slots: int, gated: bool) -> tuple[int, int, int]:
     """(BLOCK_N, BLOCK_B, num_warps): at least two programs per SM (H100: 132); benchmarks/sweep_fp4_moe.py
     --gemv-configs measures the alternatives."""
-    return (16 if triton.cdiv(N, 16) * slots >= 264 else 8), 512, 4
+    return (16 if triton.cdiv(N, 16) * slots >= 264 else 8), 512, 2
