@@ -52,7 +52,12 @@ class Gate(nn.Module):
             self.register_parameter("tid2eid", None)
 
     def forward(self, x: torch.Tensor, token_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        scores = F.softplus(F.linear(x.float(), self.weight)).sqrt()                  # (T, E)
+        if x.is_cuda:       # one GEMV launch at decode reading x in its dtype (cuBLAS: a cast and two kernels)
+            from ..kernels.moe_gate_triton import router_logits
+            logits = router_logits(x, self.weight)
+        else:
+            logits = F.linear(x.float(), self.weight)
+        scores = F.softplus(logits).sqrt()                                             # (T, E)
         if self.hash:
             indices = self.tid2eid[token_ids].long()
         else:
