@@ -1,5 +1,6 @@
 """The MoE router on the GPU: its float32 logits (`router_logits`), then routing in one launch per batch: scores
-(softmax or sigmoid), the correction bias, group-limited selection, top-k, renormalisation and the route scale.
+(softmax, sigmoid or V4's sqrt(softplus)), the correction bias, group-limited selection, top-k, renormalisation
+and the route scale.
 
 PyTorch spends a dozen launches on routing (softmax, two top-k passes, gathers, masks); the kernel takes one
 token per program and finds the top-k by repeated arg-max, so ties go to the lower expert id, as `torch.topk`
@@ -16,6 +17,7 @@ import triton.language as tl
 
 from .triton_common import check_device
 
+SCORE_FUNCS = ("softmax", "sigmoid", "sqrtsoftplus")    # V2, V3, V4 routers
 ROUTER_GEMV_BYTES = 16 << 20    # the GEMV re-reads the weight per token (from L2): up to this much, else cuBLAS
 
 
@@ -67,7 +69,12 @@ def router_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 def route_torch(logits: torch.Tensor, bias: torch.Tensor | None, n_groups: int, topk_groups: int, topk: int,
                 score_func: str, norm_topk_prob: bool, route_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """logits: (T, E) float32 -> weights (T, k) float32, indices (T, k) int64 (see models.moe.Gate)."""
-    scores = logits.softmax(dim=-1) if score_func == "softmax" else logits.sigmoid()
+    if score_func == "softmax":
+        scores = logits.softmax(dim=-1)
+    elif score_func == "sigmoid":
+        scores = logits.sigmoid()
+    else:                                                                      # V4: sqrt(softplus)
+        scores = torch.nn.functional.softplus(logits).sqrt()
     choice = scores if bias is None else scores + bias
     if n_groups > 1:
         grouped = choice.view(logits.shape[0], n_groups, -1)                   # (T, G, E/G)
@@ -88,15 +95,19 @@ def route_torch(logits: torch.Tensor, bias: torch.Tensor | None, n_groups: int, 
 @triton.jit
 def _route_kernel(logits_ptr, bias_ptr, weights_ptr, indices_ptr, n_groups, per_group, stride_l, route_scale,
                   TOPK: tl.constexpr, G: tl.constexpr, TOPK_G: tl.constexpr, PER_G: tl.constexpr,
-                  SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr, NORM: tl.constexpr, BLOCK_K: tl.constexpr):
+                  SCORE: tl.constexpr, HAS_BIAS: tl.constexpr, NORM: tl.constexpr, BLOCK_K: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     g = tl.arange(0, G)
     j = tl.arange(0, PER_G)
     e = g[:, None] * per_group + j[None, :]                                    # (G, E/G) expert ids, padded
     ok = (g[:, None] < n_groups) & (j[None, :] < per_group)
     z = tl.load(logits_ptr + t * stride_l + e, mask=ok, other=float("-inf"))
-    if SIGMOID:
+    if SCORE == 1:
         scores = tl.sigmoid(z)
+    elif SCORE == 2:    # sqrt(softplus(z)), torch's threshold 20; log1p(u) as log(v) u / (v - 1), v = 1 + u
+        u = tl.exp(tl.minimum(z, 20.0))
+        v = 1.0 + u
+        scores = tl.sqrt(tl.where(z > 20.0, z, tl.where(v == 1.0, u, tl.log(v) * u / (v - 1.0))))
     else:
         z = z - tl.max(tl.max(z, 1), 0)
         p = tl.exp(z)
@@ -141,6 +152,8 @@ def route(logits: torch.Tensor, bias: torch.Tensor | None, n_groups: int, topk_g
     """logits: (T, E) float32 (last dim contiguous); bias: (E,) float32 or None -> weights (T, k) float32,
     indices (T, k) int64. E must divide into n_groups equal groups."""
     check_device(logits=logits)
+    if score_func not in SCORE_FUNCS:
+        raise ValueError(f"unknown score_func {score_func!r}; choose one of {', '.join(SCORE_FUNCS)}")
     T, E = logits.shape
     if E % n_groups or logits.stride(-1) != 1:
         raise ValueError(f"logits {tuple(logits.shape)} must have a contiguous last dim divisible by {n_groups} groups")
@@ -151,7 +164,7 @@ def route(logits: torch.Tensor, bias: torch.Tensor | None, n_groups: int, topk_g
         _route_kernel[(T,)](logits, bias if bias is not None else logits, weights, indices, n_groups, per_group,
                             logits.stride(0),
                             float(route_scale), TOPK=topk, G=triton.next_power_of_2(n_groups), TOPK_G=topk_groups,
-                            PER_G=triton.next_power_of_2(per_group), SIGMOID=score_func == "sigmoid",
+                            PER_G=triton.next_power_of_2(per_group), SCORE=SCORE_FUNCS.index(score_func),
                             HAS_BIAS=bias is not None, NORM=norm_topk_prob, BLOCK_K=triton.next_power_of_2(topk),
                             num_warps=4)
     return weights, indices

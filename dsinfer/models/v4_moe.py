@@ -53,8 +53,10 @@ class Gate(nn.Module):
 
     def forward(self, x: torch.Tensor, token_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if x.is_cuda:       # one GEMV launch at decode reading x in its dtype (cuBLAS: a cast and two kernels)
-            from ..kernels.moe_gate_triton import router_logits
+            from ..kernels.moe_gate_triton import route, router_logits
             logits = router_logits(x, self.weight)
+            if not self.hash:   # scores, bias, top-k, renormalisation and scale in one launch (twin: route_torch)
+                return route(logits, self.bias, 1, 1, self.topk, "sqrtsoftplus", True, self.route_scale)
         else:
             logits = F.linear(x.float(), self.weight)
         scores = F.softplus(logits).sqrt()                                             # (T, E)

@@ -14,6 +14,7 @@ CASES = {   # E, n_groups, topk_groups, k, score_func, bias, norm, scale
     "v3 no groups": (16, 1, 1, 4, "sigmoid", True, True, 2.5),
     "tiny groups of 2": (8, 4, 2, 2, "sigmoid", True, False, 1.0),
     "k = 1": (12, 1, 1, 1, "softmax", False, True, 1.0),
+    "v4 sqrt-softplus": (256, 1, 1, 6, "sqrtsoftplus", True, True, 1.5),
 }
 
 
@@ -28,6 +29,24 @@ def test_route_equals_twin(case, T):
     w_ref, idx_ref = route_torch(logits, bias, G, TG, k, func, norm, scale)
     assert torch.equal(idx, idx_ref)
     torch.testing.assert_close(w, w_ref, rtol=1e-5, atol=1e-6)
+
+
+def test_sqrtsoftplus_twin_is_the_v4_router():
+    """route_torch's V4 scores against the formula written out: sqrt(log(1 + e^z)) in float64, top-k of score +
+    bias, the chosen scores renormalised and scaled."""
+    g = torch.Generator().manual_seed(3)
+    logits, bias = torch.randn(5, 32, generator=g) * 4, torch.randn(32, generator=g)
+    w, idx = route_torch(logits, bias, 1, 1, 4, "sqrtsoftplus", True, 1.5)
+    scores = torch.log1p(logits.double().exp()).sqrt()
+    want_idx = (scores + bias.double()).topk(4, dim=-1).indices
+    want_w = scores.gather(1, want_idx)
+    assert torch.equal(idx, want_idx)
+    torch.testing.assert_close(w.double(), want_w / want_w.sum(-1, keepdim=True) * 1.5, rtol=1e-6, atol=1e-7)
+
+
+def test_route_rejects_an_unknown_score_func():
+    with pytest.raises(ValueError, match="unknown score_func 'relu'; choose one of softmax, sigmoid, sqrtsoftplus"):
+        route(torch.zeros(1, 8, device=DEVICE), None, 1, 1, 2, "relu", False, 1.0)
 
 
 def test_route_rejects_uneven_groups():
