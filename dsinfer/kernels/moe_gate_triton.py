@@ -66,9 +66,15 @@ def router_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def _check_score_func(score_func: str) -> None:
+    if score_func not in SCORE_FUNCS:
+        raise ValueError(f"unknown score_func {score_func!r}; choose one of {', '.join(SCORE_FUNCS)}")
+
+
 def route_torch(logits: torch.Tensor, bias: torch.Tensor | None, n_groups: int, topk_groups: int, topk: int,
                 score_func: str, norm_topk_prob: bool, route_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """logits: (T, E) float32 -> weights (T, k) float32, indices (T, k) int64 (see models.moe.Gate)."""
+    _check_score_func(score_func)
     if score_func == "softmax":
         scores = logits.softmax(dim=-1)
     elif score_func == "sigmoid":
@@ -152,8 +158,7 @@ def route(logits: torch.Tensor, bias: torch.Tensor | None, n_groups: int, topk_g
     """logits: (T, E) float32 (last dim contiguous); bias: (E,) float32 or None -> weights (T, k) float32,
     indices (T, k) int64. E must divide into n_groups equal groups."""
     check_device(logits=logits)
-    if score_func not in SCORE_FUNCS:
-        raise ValueError(f"unknown score_func {score_func!r}; choose one of {', '.join(SCORE_FUNCS)}")
+    _check_score_func(score_func)
     T, E = logits.shape
     if E % n_groups or logits.stride(-1) != 1:
         raise ValueError(f"logits {tuple(logits.shape)} must have a contiguous last dim divisible by {n_groups} groups")

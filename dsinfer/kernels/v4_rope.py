@@ -53,5 +53,5 @@ def head_rope(x: torch.Tensor, cos_sin: torch.Tensor, rope_dim: int, eps: float 
     y = torch.empty(x3.shape, dtype=x.dtype, device=x.device)
     if T and x3.shape[1]:
         from .v4_rope_triton import launch
-        launch(x3, cos_sin.contiguous(), y, rope_dim, eps, qat_block, inverse)
+        launch(x3, cos_sin, y, rope_dim, eps, qat_block, inverse)
     return y.view(x.shape)

@@ -21,8 +21,9 @@ def _sparse_attention_kernel(
     H, K, D, scale,
     # strides (elements)
     stride_qt, stride_qh, stride_kvn, stride_it, stride_ot, stride_oh,
-    # constexprs
+    # the split's partial results (T, splits, H, D) and (T, splits, 2, H), indices per range
     part_ptr, ml_ptr, CHUNK,
+    # constexprs
     BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr,
     SPLIT: tl.constexpr,
 ):
@@ -108,8 +109,7 @@ def launch(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, sink: torch
     _sparse_attention_kernel[(T, triton.cdiv(H, BLOCK_H), splits)](
         q, kv, indices, sink, out,
         H, K, D, scale,
-        q.stride(0), q.stride(1), kv.stride(0), indices.stride(0), out.stride(0), out.stride(1),
-        part, ml, chunk,
+        q.stride(0), q.stride(1), kv.stride(0), indices.stride(0), out.stride(0), out.stride(1), part, ml, chunk,
         BLOCK_H=BLOCK_H, BLOCK_K=BLOCK_K, BLOCK_D=BLOCK_D, IEEE=q.dtype == torch.float32, SPLIT=splits > 1,
         num_warps=4 if D <= 256 else 8)
     if splits > 1:

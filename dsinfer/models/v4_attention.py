@@ -117,13 +117,17 @@ class Attention(nn.Module):
             indices = torch.cat([indices, entries], dim=1)
         return self._attend_and_project(q, store.pool, indices, cos_sin)
 
+    def _head_rope(self):
+        """The per-head norm / rotary / QAT epilogue (kernels/v4_rope.py): the kernel or its twin, by backend."""
+        return head_rope if self.attn_backend == "triton" else head_rope_torch
+
     def _project(self, x: torch.Tensor, positions: torch.Tensor, rope_table: torch.Tensor) -> tuple:
         """x (T, D) at positions -> queries (T, H, head_dim), the key/value row (T, head_dim) (rotated, QAT-rounded),
         the query LoRA activation qr (T, q_lora) and the rotary table rows (T, rope/2, 2)."""
         T, rd = x.shape[0], self.rope_head_dim
         cos_sin = rope_table[positions]                                             # (T, rope/2, 2)
         qr = self.q_norm(self.wq_a(x))                                              # (T, q_lora)
-        rope = head_rope if self.attn_backend == "triton" else head_rope_torch      # (kernels/v4_rope.py)
+        rope = self._head_rope()
         # q: unweighted RMS norm per head, then the rotary; kv: the rotary, and the QAT rounding of the rest
         q = rope(self.wq_b(qr).view(T, self.n_heads, self.head_dim), cos_sin, rd, eps=self.eps)   # (T, H, d)
         kv = rope(self.kv_norm(self.wkv(x)), cos_sin, rd, qat_block=KV_QAT_BLOCK if self.simulate_qat else 0)
@@ -140,8 +144,7 @@ class Attention(nn.Module):
             o = sparse_attention_torch(q, pool, indices, self.attn_sink, self.softmax_scale)     # (T, H, d)
 
         # Undo the rotation the values carried: rotate the output's rope part by minus the query angle.
-        rope = head_rope if self.attn_backend == "triton" else head_rope_torch
-        o = rope(o, cos_sin, rd, inverse=True)
+        o = self._head_rope()(o, cos_sin, rd, inverse=True)
         o = o.view(T, self.o_groups, -1)                                            # (T, G, H/G * head_dim)
         wo_a = self.wo_a.dense(q.dtype).view(self.o_groups, self.o_lora_rank, -1)
         z = torch.einsum("tgd,grd->tgr", o, wo_a)                                   # (T, G, o_lora)

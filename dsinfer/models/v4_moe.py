@@ -21,6 +21,7 @@ from torch import nn
 
 from ..kernels import weight_dequant_torch
 from ..kernels.fp4 import fp4_dequant_torch
+from ..kernels.moe_gate_triton import route_torch
 from .args_v4 import ModelArgsV4
 from .layers import Linear, fused_moe_mode, fused_swiglu
 
@@ -52,19 +53,15 @@ class Gate(nn.Module):
             self.register_parameter("tid2eid", None)
 
     def forward(self, x: torch.Tensor, token_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if x.is_cuda:       # one GEMV launch at decode reading x in its dtype (cuBLAS: a cast and two kernels)
+        if x.is_cuda:       # the logits as one GEMV launch at decode, one launch for the routing after them
             from ..kernels.moe_gate_triton import route, router_logits
-            logits = router_logits(x, self.weight)
-            if not self.hash:   # scores, bias, top-k, renormalisation and scale in one launch (twin: route_torch)
-                return route(logits, self.bias, 1, 1, self.topk, "sqrtsoftplus", True, self.route_scale)
+            logits = router_logits(x, self.weight)                                     # (T, E) float32
         else:
-            logits = F.linear(x.float(), self.weight)
-        scores = F.softplus(logits).sqrt()                                             # (T, E)
-        if self.hash:
-            indices = self.tid2eid[token_ids].long()
-        else:
-            indices = (scores + self.bias).topk(self.topk, dim=-1).indices
-        weights = scores.gather(1, indices)
+            logits, route = F.linear(x.float(), self.weight), route_torch
+        if not self.hash:   # sqrt(softplus) scores; top-k of scores + bias; the chosen scores renormalised, scaled
+            return route(logits, self.bias, 1, 1, self.topk, "sqrtsoftplus", True, self.route_scale)
+        indices = self.tid2eid[token_ids].long()                                       # hash layers: by token id
+        weights = F.softplus(logits).sqrt().gather(1, indices)
         weights = weights / weights.sum(dim=-1, keepdim=True)
         return weights * self.route_scale, indices
 
