@@ -24,6 +24,9 @@ columns of the activations: two dots of depth BLOCK_K/2 and no register shuffle 
 V4's experts also clamp before the SwiGLU (gate = min(gate, L), up = clamp(up, -L, L); `swiglu_limit`) and apply
 the routing weight to h before the down projection (`route_on_h`). The latter is the same linear map; it differs
 only in rounding, since h is stored in the activation dtype: bf16(h * w) (the reference) against bf16(h) * w.
+At one token (batch-1 decode) tensor-core tiles are mostly padding: FP4 routed experts run as matrix-vector
+products (fp4_gemv_triton.py) and a dense FP8 MLP (the shared experts) as fp8_gemv.py's, which quantizes the
+activations itself and adds the routed slots in its epilogue.
 Twin: `fused_moe_torch`, the per-expert loop.
 """
 
@@ -37,6 +40,7 @@ import triton.language as tl
 
 from .fp4 import fp4_dequant_torch
 from .fp8 import act_quant_torch, weight_dequant_torch
+from .fp8_gemv import fp8_gemv
 from .fp8_weight_only_triton import e4m3_to_bf16
 from .triton_common import check_device, interpreting
 
@@ -378,6 +382,14 @@ def _fp4_gemv(T: int, mode: str) -> bool:
     return T == 1 and mode == "fp4_weight_only"
 
 
+def _fp8_gemv(x: torch.Tensor, mode: str, w: torch.Tensor) -> bool:
+    """A dense FP8 MLP at one token: matrix-vector products (fp8_gemv.py: bf16 x, rows of 4-byte words), the
+    activations quantized inside. x: the GEMM's input as `_activations` would give it to the GEMM (bf16 but in
+    weight-only mode under the interpreter)."""
+    return (x.shape[0] == 1 and mode in ("block_scaled", "weight_only") and w.shape[-1] % 4 == 0
+            and w.shape[-2] % 4 == 0 and (mode == "block_scaled" or x.dtype == torch.bfloat16 or not interpreting()))
+
+
 def _check_args(mode: str, x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor,
                 scales: tuple[torch.Tensor | None, ...], swiglu_limit: float) -> None:
     """ValueError/TypeError for a mode, weights and scales that do not go together (shapes as in `fused_moe`)."""
@@ -534,6 +546,11 @@ def fused_mlp_up(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.
     w1_s, w2_s, w3_s = (None if s is None else s.unsqueeze(0) for s in (w1_s, w2_s, w3_s))
     _check_args(mode, x, w1, w2, w3, (w1_s, w2_s, w3_s), swiglu_limit)
     T = x.shape[0]
+    if _fp8_gemv(x, mode, w1):
+        scaled = mode == "block_scaled"
+        h = fp8_gemv(x.to(torch.bfloat16).contiguous(), w1[0], w1_s[0], w3[0], w3_s[0], quantize=scaled,
+                     swiglu_limit=swiglu_limit)                       # x as _act_quant / _activations round it
+        return MlpHidden(h, None, mode)
     block_m = _block_m(T, 1)
     x, a_s = _activations(x, mode)
     h = torch.empty(T, w1.shape[1], dtype=x.dtype if mode != "block_scaled" else torch.bfloat16, device=x.device)
@@ -558,6 +575,10 @@ def fused_mlp_down(hidden: MlpHidden, w2: torch.Tensor, w2_s: torch.Tensor | Non
                                or routed.out.dtype != torch.float32):
         raise ValueError(f"routed slots {tuple(routed.out.shape)} {routed.out.dtype} of indices "
                          f"{tuple(routed.indices.shape)} do not belong to {T} tokens of width {D}")
+    if h_s is None and h.dtype == torch.bfloat16 and _fp8_gemv(h, mode, w2):   # one token, routed slots added
+        slots = None if routed is None else (routed.out, routed.indices.view(-1), routed.first, routed.n_local)
+        return fp8_gemv(h, w2[0], w2_s[0], out=out, quantize=mode == "block_scaled", dtype=out_dtype,
+                        routed=slots)
     block_m = _block_m(T, 1)
     accumulate = out is not None
     if out is None:

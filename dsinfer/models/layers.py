@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..kernels import weight_dequant_torch
+from ..kernels.fp8_gemv import fp8_gemv
 from ..kernels.norm_rope import rms_norm_torch
 from ..kernels.triton_common import interpreting
 from ..parallel import ParallelState
@@ -67,7 +68,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = N
         return F.linear(x, weight_dequant_torch(weight, scale, block_size, x.dtype))
     from .. import kernels  # the Triton kernels import triton on first use
     x2 = x.reshape(-1, x.shape[-1])                                            # (M, K)
-    if impl == "fp8_gemm":
+    quantize = impl == "fp8_gemm"
+    if x2.shape[0] == 1 and x2.shape[1] % 4 == 0 and (x2.dtype == torch.bfloat16 or not quantize):
+        y = fp8_gemv(                                   # one token: a matrix-vector product
+            x2.to(torch.bfloat16).contiguous(), weight, scale, quantize=quantize, scale_fmt=scale_fmt)
+    elif quantize:
         q, s = kernels.act_quant(x2.contiguous(), 128, scale_fmt)
         y = kernels.fp8_gemm(q, s, weight, scale)
     else:
@@ -120,6 +125,19 @@ class Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.scale, self.block_size, self.fp8_impl, self.act_scale_fmt)
+
+    def grouped(self, x: torch.Tensor, groups: int) -> torch.Tensor:
+        """A grouped projection (V4's wo_a): x (T, groups, in_features) -> (T, groups, N / groups), group g through
+        weight rows g N/groups .. (g+1) N/groups - 1, in x's dtype from the dense weight (`dense`). An FP8 weight
+        on the kernels' path at one token runs as one matrix-vector launch on the FP8 bytes (x not quantized)."""
+        T = x.shape[0]
+        if (T == 1 and self.scale is not None and self.in_features % 4 == 0
+                and resolve_fp8_impl(self.fp8_impl, x.device, self.block_size) != "torch"):
+            y = fp8_gemv(x.reshape(1, -1).to(torch.bfloat16).contiguous(), self.weight, self.scale, quantize=False,
+                         groups=groups)
+            return y.to(x.dtype).view(1, groups, -1)
+        w = self.dense(x.dtype).view(groups, self.out_features // groups, -1)
+        return torch.einsum("tgd,grd->tgr", x, w)
 
     def dense(self, dtype: torch.dtype) -> torch.Tensor:
         """The weight in `dtype` for layers that use it as a tensor rather than as a linear map (MLA's absorbed

@@ -145,9 +145,7 @@ class Attention(nn.Module):
 
         # Undo the rotation the values carried: rotate the output's rope part by minus the query angle.
         o = self._head_rope()(o, cos_sin, rd, inverse=True)
-        o = o.view(T, self.o_groups, -1)                                            # (T, G, H/G * head_dim)
-        wo_a = self.wo_a.dense(q.dtype).view(self.o_groups, self.o_lora_rank, -1)
-        z = torch.einsum("tgd,grd->tgr", o, wo_a)                                   # (T, G, o_lora)
+        z = self.wo_a.grouped(o.view(T, self.o_groups, -1), self.o_groups)         # (T, G, o_lora)
         return self.wo_b(z.flatten(1))
 
     def _gather(self, kv: torch.Tensor, p0: int, state: LayerState, entries: torch.Tensor | None,

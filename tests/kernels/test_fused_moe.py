@@ -275,6 +275,41 @@ def test_fused_moe_fp4_matches_bit_decoder_and_twin(T, k, E, inter, D, first, n_
     assert oracle.abs().sum() > 0 or not ((indices >= first) & (indices < first + n_local)).any().item()
 
 
+@pytest.mark.parametrize("inter,D", [(32, 64), (96, 160), (64, 1024)])
+def test_one_token_fp4_with_bf16_activations(inter, D):
+    """Batch-1 decode's FP4 matrix-vector path as the model runs it (bf16 x, read as 64-bit words), chunks that
+    divide K and one that does not (D = 160: 20 words), against the bit-level oracle."""
+    (w1, w2, w3), (s1, s2, s3) = _fp4_weights(6, inter, D)
+    route_w, indices = _routing(1, 3, 6)
+    x = torch.randn(1, D, generator=torch.Generator().manual_seed(2)).to(DEVICE, torch.bfloat16)
+    got = fused_moe(x, route_w, indices, w1, w2, w3, s1, s2, s3, mode="fp4_weight_only", swiglu_limit=0.4,
+                    route_on_h=True)
+    oracle = _moe_oracle(x, route_w, indices, fp4_oracle(w1, s1), fp4_oracle(w2, s2), fp4_oracle(w3, s3), 0, 0.4,
+                         True)
+    assert (got.cpu().double() - oracle).norm().item() <= 1e-2 * oracle.norm().item()
+
+
+@pytest.mark.parametrize("mode", ["weight_only", "block_scaled"])
+@pytest.mark.parametrize("routed", [False, True])
+def test_one_token_fp8_mlp(mode, routed):
+    """A dense FP8 MLP at one token runs as matrix-vector products (kernels/fp8_gemv.py; block-scaled too, on CPU
+    through the interpreter), the routed slots added in the down projection's epilogue, against the twins."""
+    D, inter = 136, 160
+    (w1, w2, w3), (s1, s2, s3) = _weights(4, 40, D, torch.bfloat16, fp8=True)
+    (v1, v2, v3), (t1, t2, t3) = _weights(1, inter, D, torch.bfloat16, fp8=True, seed=4)
+    route_w, indices = _routing(1, 3, 6)
+    x = torch.randn(1, D, generator=torch.Generator().manual_seed(5)).to(DEVICE, torch.bfloat16)
+    one = (torch.ones(1, 1, device=DEVICE), torch.zeros(1, 1, dtype=torch.long, device=DEVICE))
+    want = fused_moe_torch(x, *one, v1, v2, v3, t1, t2, t3, mode=mode)
+    kw = {}
+    if routed:
+        want += fused_moe_torch(x, route_w, indices, w1, w2, w3, s1, s2, s3, first=2, mode="weight_only")
+        kw["routed"] = fused_moe_slots(x, route_w, indices, w1, w2, w3, s1, s2, s3, first=2, mode="weight_only")
+    got = fused_mlp(x, v1[0], v2[0], v3[0], t1[0], t2[0], t3[0], mode=mode, out_dtype=torch.bfloat16, **kw)
+    assert got.dtype == torch.bfloat16 and got.shape == (1, D)
+    assert (got.float() - want).norm().item() <= (3e-2 if mode == "block_scaled" else 1e-2) * want.norm().item()
+
+
 def test_fp4_weights_pass_as_int8_and_e8m0_views():
     """The loader's uint8 bytes, the checkpoint's int8 codes and float8_e8m0fnu scales give the same result."""
     (w1, w2, w3), (s1, s2, s3) = _fp4_weights(4, 64, 64)
