@@ -70,7 +70,7 @@ class V4Cache:
     """Every layer's state of every sequence. Per layer, the attention's rows are one pool (N, head_dim): the state
     slots' window rings first, then (compressed layers) the pages of entries, so a decode step's sparse attention
     reads window rows and entries of all sequences through one index table. One slot and one page beyond those
-    handed out are scratch: decode steps write there for rows that complete no window and for CUDA-graph padding."""
+    handed out are scratch: the padding rows of CUDA-graph decode steps write there."""
 
     def __init__(self, args: ModelArgsV4, num_pages: int, page_size: int, num_slots: int, dtype: torch.dtype,
                  device: torch.device):
@@ -197,39 +197,13 @@ class SlotLayerState:
 
 
 class DecodeCompressorStore:
-    """A compressor's (or indexer's) state of every sequence, for decode steps of one new token per sequence."""
+    """A compressor's (or indexer's) state of every sequence, for decode steps of one new token per sequence: the
+    tensors kernels/v4_compress.py compress_decode updates."""
 
-    def __init__(self, t: dict[str, torch.Tensor], ratio: int, scratch_slot: int, scratch_row: int):
+    def __init__(self, t: dict[str, torch.Tensor]):
         self.kv, self.score = t["kv"], t["score"]                                  # (slots, ratio, width)
         self.prev_kv, self.prev_score = t.get("prev_kv"), t.get("prev_score")      # (slots, ratio, d) or None
         self.entries = t["entries"].view(-1, t["entries"].shape[-1])               # (pages * rows, d)
-        self.ratio, self.scratch_slot, self.scratch_row = ratio, scratch_slot, scratch_row
-
-    def buffer(self, kv: torch.Tensor, score: torch.Tensor, batch: V4DecodeBatch) -> None:
-        """Each row's projections (B, width) into its window's buffer, at p % ratio."""
-        at = batch.positions % self.ratio
-        self.kv[batch.slots, at] = kv
-        self.score[batch.slots, at] = score
-
-    def window(self, batch: V4DecodeBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        """(kv, score) buffers of each row's window, (B, ratio, width); rows past p % ratio are stale."""
-        return self.kv[batch.slots], self.score[batch.slots]
-
-    def previous(self, batch: V4DecodeBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        """Overlap: first halves of each row's previous window, (B, ratio, d); stale in window 0."""
-        return self.prev_kv[batch.slots], self.prev_score[batch.slots]
-
-    def keep_previous(self, kv: torch.Tensor, score: torch.Tensor, complete: torch.Tensor,
-                      batch: V4DecodeBatch) -> None:
-        """Where `complete` (B,), this window's first halves become the previous window's."""
-        slots = torch.where(complete, batch.slots, self.scratch_slot)
-        self.prev_kv[slots] = kv
-        self.prev_score[slots] = score
-
-    def add_entries(self, entries: torch.Tensor, complete: torch.Tensor, batch: V4DecodeBatch) -> None:
-        """Where `complete` (B,), store entries[b] (B, d) as entry p // ratio of row b."""
-        rows = batch.entry_rows[self.ratio].gather(1, (batch.positions // self.ratio)[:, None]).squeeze(1)
-        self.entries[torch.where(complete, rows, self.scratch_row)] = entries
 
 
 class DecodeLayerStore:
@@ -242,12 +216,7 @@ class DecodeLayerStore:
         self.pool, self.ring, self.ratio = cache.pools[layer_id], layer["window"]["ring"], ratio
         self.window_size = self.ring.shape[1]
         self.entries_base = self.ring.shape[0] * self.window_size                  # pool row of the first entry
-        stores = {}
-        for group in ("compressor", "indexer"):
-            if group in layer:
-                rows_per_page = layer[group]["entries"].shape[1]
-                stores[group] = DecodeCompressorStore(layer[group], ratio, cache.scratch_slot,
-                                                      cache.scratch_page * rows_per_page)
+        stores = {group: DecodeCompressorStore(layer[group]) for group in ("compressor", "indexer") if group in layer}
         self.compressor, self.indexer = stores.get("compressor"), stores.get("indexer")
 
     def write_window(self, kv: torch.Tensor, batch: V4DecodeBatch) -> None:

@@ -19,11 +19,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..kernels.v4_compress import KV_QAT_BLOCK
 from ..kernels.v4_rope import head_rope, head_rope_torch
 from ..kernels.v4_sparse_attention import sparse_attention, sparse_attention_torch
 from .args_v4 import CSA, SLIDING, ModelArgsV4
 from .layers import Linear, RMSNorm
-from .v4_compressor import KV_QAT_BLOCK, Compressor
+from .v4_compressor import Compressor
 from .v4_indexer import Indexer, visible_entries
 from .v4_state import CompressorState, LayerState, V4Batch, V4DecodeBatch
 

@@ -14,24 +14,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels.fp4 import fp4_act_quant_dequant_torch, fp8_act_quant_dequant_torch
-from ..kernels.v4_compress import compress_pool, compress_pool_torch
+from ..kernels.v4_compress import (
+    compress_decode,
+    compress_decode_torch,
+    compress_pool,
+    compress_pool_torch,
+    finish_torch,
+)
 from .layers import RMSNorm
 from .v4_state import CompressorState, V4DecodeBatch
-
-KV_QAT_BLOCK = 64        # FP8 QAT block of the key/value non-rotary dims
-
-
-def hadamard(x: torch.Tensor) -> torch.Tensor:
-    """Orthonormal Walsh-Hadamard transform over the last dim (a power of two), in float32, in x's dtype."""
-    d = x.shape[-1]
-    y = x.float().reshape(-1, d)
-    h = 1
-    while h < d:                                                    # butterflies: (a, b) -> (a + b, a - b)
-        y = y.view(-1, d // (2 * h), 2, h)
-        y = torch.stack([y[:, :, 0] + y[:, :, 1], y[:, :, 0] - y[:, :, 1]], dim=2)
-        h *= 2
-    return (y.view(x.shape) * d ** -0.5).to(x.dtype)
 
 
 class Compressor(nn.Module):
@@ -90,24 +81,16 @@ class Compressor(nn.Module):
 
     def decode(self, x: torch.Tensor, batch: V4DecodeBatch, store, rope_table: torch.Tensor, simulate_qat: bool,
                projected: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
-        """One new token per sequence (x: (B, D) at batch.positions): buffer its projections; where it completes
-        a window (p + 1 divisible by ratio), pool the window into entry p // ratio and store it. Every row is
-        pooled, whole or not (a CUDA graph cannot branch on positions); `store` (engine/v4_cache.py
-        DecodeCompressorStore) keeps only the complete ones."""
-        m, d = self.ratio, self.head_dim
-        p = batch.positions
+        """One new token per sequence (x: (B, D) at batch.positions): buffer its projections in `store`
+        (engine/v4_cache.py DecodeCompressorStore: every sequence's buffers and entries); where it completes a
+        window (p + 1 divisible by ratio), pool the window into entry p // ratio and store it there. One kernel
+        (kernels/v4_compress.py compress_decode) or its twin, without a host value (a CUDA graph cannot branch on
+        positions)."""
         kv, score = projected if projected is not None else self.project(x)         # (B, width) each
-        store.buffer(kv, score + self.ape[p % m], batch)
-        kv, score = store.window(batch)                                              # (B, m, width)
-        complete = (p + 1) % m == 0
-        if self.overlap:        # slots: the previous window's first halves (none in window 0), then this one's second
-            prev_kv, prev_score = store.previous(batch)                              # (B, m, d)
-            first = (p < m)[:, None, None]
-            prev_kv, prev_score = prev_kv.masked_fill(first, 0.0), prev_score.masked_fill(first, float("-inf"))
-            store.keep_previous(kv[..., :d], score[..., :d], complete, batch)
-            kv, score = torch.cat([prev_kv, kv[..., d:]], dim=1), torch.cat([prev_score, score[..., d:]], dim=1)
-        entries = self._pool(kv, score, rope_table[p // m * m], simulate_qat, x.dtype)   # (B, d)
-        store.add_entries(entries, complete, batch)
+        decode = compress_decode if self.attn_backend == "triton" else compress_decode_torch
+        decode(kv.contiguous(), score.contiguous(), self.ape, batch.positions, batch.slots, store.kv, store.score,
+               store.prev_kv, store.prev_score, self.norm.weight, rope_table, store.entries,
+               batch.entry_rows[self.ratio], self.norm.eps, self.rotate, simulate_qat)
 
     def _pool(self, kv: torch.Tensor, score: torch.Tensor, cos_sin: torch.Tensor, simulate_qat: bool,
               dtype: torch.dtype) -> torch.Tensor:
@@ -116,14 +99,7 @@ class Compressor(nn.Module):
         pool = compress_pool if self.attn_backend == "triton" else compress_pool_torch
         entries = pool(kv.contiguous(), score.contiguous(), self.norm.weight, cos_sin.contiguous(), self.norm.eps,
                        dtype)
-        rd = self.rope_head_dim
-        if self.rotate:
-            entries = hadamard(entries)
-            if simulate_qat:
-                entries = fp4_act_quant_dequant_torch(entries)
-        elif simulate_qat:
-            entries = torch.cat([fp8_act_quant_dequant_torch(entries[:, :-rd], KV_QAT_BLOCK), entries[:, -rd:]], -1)
-        return entries
+        return finish_torch(entries, self.rope_head_dim, self.rotate, simulate_qat)
 
 
 class _Fp32Weight(nn.Module):

@@ -11,11 +11,12 @@ import torch
 from torch import nn
 
 from ..kernels.fp4 import fp4_act_quant_dequant_torch
+from ..kernels.v4_compress import hadamard
 from ..kernels.v4_indexer import indexer_scores_rows, indexer_scores_rows_torch, indexer_topk, indexer_topk_torch
 from .args_v4 import ModelArgsV4
 from .layers import Linear
 from .rope import apply_rotary
-from .v4_compressor import Compressor, hadamard
+from .v4_compressor import Compressor
 from .v4_state import CompressorState, V4DecodeBatch
 
 

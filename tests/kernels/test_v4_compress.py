@@ -1,12 +1,19 @@
-"""The V4 compressor's pooling step: the PyTorch twin against a float64 reference (softmax pooling, the RMS formula,
-rotation as complex multiplication), and the Triton kernel (Triton's interpreter on CPU) against the twin. Grids
-cross the slot counts of CSA (4, 8 with overlap) and HCA (128), -inf slots of a missing previous window, d not a
-power of two, a ragged last slot block, both rotary widths and float32 / bfloat16 output."""
+"""The V4 compressor's pooling step and its decode update. Pooling: the PyTorch twin against a float64 reference
+(softmax pooling, the RMS formula, rotation as complex multiplication), and the Triton kernel (Triton's interpreter
+on CPU) against the twin; grids cross the slot counts of CSA (4, 8 with overlap) and HCA (128), -inf slots of a
+missing previous window, d not a power of two, a ragged last slot block, both rotary widths and float32 / bfloat16
+output. Decode update: the kernel against its twin over steps that cross window ends (the twin is checked against
+the plain per-sequence compressor through the engine, tests/engine/test_v4_decode.py)."""
 
 import pytest
 import torch
 
-from dsinfer.kernels.v4_compress import compress_pool, compress_pool_torch
+from dsinfer.kernels.v4_compress import (
+    compress_decode,
+    compress_decode_torch,
+    compress_pool,
+    compress_pool_torch,
+)
 from dsinfer.models.args import RopeArgs
 from dsinfer.models.rope import rope_cos_sin
 
@@ -131,3 +138,77 @@ def test_kernel_rounds_ties_to_even(dtype):
     args = [t.to(DEVICE) for t in (kv, score, weight, cos_sin)]
     want = compress_pool_torch(*args, EPS, dtype)
     assert_matches(compress_pool(*args, EPS, dtype), want, dtype)
+
+
+def decode_state(slots, m, d, overlap, rows, dtype, g):
+    """Buffers (slots, m, width) and prev (slots, m, d) float32 with stale values, entries (rows, d) of garbage."""
+    width = (2 if overlap else 1) * d
+    state = {"kv_buf": torch.randn(slots, m, width, generator=g),
+             "score_buf": torch.randn(slots, m, width, generator=g),
+             "prev_kv": torch.randn(slots, m, d, generator=g) if overlap else None,
+             "prev_score": torch.randn(slots, m, d, generator=g) if overlap else None,
+             "entries": torch.randn(rows, d, generator=g).to(dtype)}
+    return state
+
+
+@pytest.mark.parametrize("m,d,rd,overlap,rotate,qat,dtype", [
+    (4, 128, 64, True, True, True, torch.bfloat16),        # the indexer's compressor
+    (4, 128, 64, True, True, False, torch.bfloat16),
+    (4, 192, 64, True, False, True, torch.bfloat16),       # CSA attention: FP8 rounding of the non-rotary dims
+    (8, 96, 32, False, False, False, torch.float32),
+    (128, 64, 64, False, False, True, torch.bfloat16),     # HCA: rd == d, nothing to round
+])
+def test_decode_update_equals_twin(m, d, rd, overlap, rotate, qat, dtype):
+    """Steps of one token for 3 sequences at staggered positions (crossing window ends, the first window with
+    overlap) and a padding row on the scratch slot: every buffer, prev and entry the twin writes, the kernel writes
+    alike; rows that complete no window leave the entries untouched."""
+    pytest.importorskip("triton")
+    g = torch.Generator().manual_seed(m + d)
+    B, n_slots, E = 4, 5, 6
+    width = (2 if overlap else 1) * d
+    start = torch.tensor([0, m - 2, 3 * m - 1, 0]) if m < 128 else torch.tensor([125, 126, 254, 0])
+    slots = torch.tensor([2, 0, 3, n_slots - 1])                                    # the last row: padding
+    entry_rows = torch.randperm(B * E, generator=g)[:B * E].view(B, E) % (B * E)
+    entry_rows[3] = B * E                                                           # padding: a scratch row
+    rows = B * E + 1
+    ape = torch.randn(m, width, generator=g)
+    weight = 1 + 0.5 * torch.randn(d, generator=g)
+    table = rope_cos_sin(RopeArgs(rope_type="yarn", factor=16.0, original_seq_len=1024), rd, 4096)
+    twin, kern = decode_state(n_slots, m, d, overlap, rows, dtype, g), None
+    kern = {k: (None if v is None else v.clone().to(DEVICE)) for k, v in twin.items()}
+    for step in range(2 * m if m < 128 else 4):
+        pos = start + step
+        pos[3] = 0
+        kv, score = torch.randn(B, width, generator=g) * 2, torch.randn(B, width, generator=g)
+        common = dict(eps=EPS, rotate=rotate, qat=qat)
+        compress_decode_torch(kv, score, ape, pos, slots, twin["kv_buf"], twin["score_buf"], twin["prev_kv"],
+                              twin["prev_score"], weight, table, twin["entries"], entry_rows, **common)
+        dev = [t.to(DEVICE) for t in (kv, score, ape, pos, slots)]
+        compress_decode(*dev, kern["kv_buf"], kern["score_buf"], kern["prev_kv"], kern["prev_score"],
+                        weight.to(DEVICE), table.to(DEVICE), kern["entries"], entry_rows.to(DEVICE), **common)
+        for name in ("kv_buf", "score_buf", "prev_kv", "prev_score"):
+            if twin[name] is not None:
+                torch.testing.assert_close(kern[name][:-1].cpu(), twin[name][:-1], rtol=0, atol=0)
+        got, want = kern["entries"][:-1].cpu().float(), twin["entries"][:-1].float()
+        ulp = 2 ** -7 if dtype == torch.bfloat16 else 1e-5
+        off = (got - want).abs() > ulp * want.abs() + 1e-5
+        assert off.sum() <= max(2, got.numel() // 100), (step, off.sum().item(), (got - want).abs().max().item())
+
+
+def test_decode_update_checks_its_arguments():
+    g = torch.Generator().manual_seed(0)
+    st = {k: (None if v is None else v.to(DEVICE)) for k, v in decode_state(2, 4, 128, True, 8, torch.bfloat16,
+                                                                              g).items()}
+    kv, score, ape = torch.randn(1, 256, device=DEVICE), torch.randn(1, 256, device=DEVICE), \
+        torch.randn(4, 256, device=DEVICE)
+    table = rope_cos_sin(RopeArgs(), 64, 64).to(DEVICE)
+    args = [kv, score, ape, torch.zeros(1, dtype=torch.long, device=DEVICE), torch.zeros(1, dtype=torch.long,
+                                                                                          device=DEVICE),
+            st["kv_buf"], st["score_buf"], st["prev_kv"], st["prev_score"], torch.ones(128, device=DEVICE), table,
+            st["entries"], torch.zeros(1, 2, dtype=torch.long, device=DEVICE)]
+    with pytest.raises(ValueError, match="shapes do not agree: ape"):
+        compress_decode(*args[:2], ape[:, :128].contiguous(), *args[3:], EPS, True, True)
+    with pytest.raises(ValueError, match="0 < rd <= d"):
+        compress_decode(*args[:10], rope_cos_sin(RopeArgs(), 200, 64).to(DEVICE), *args[11:], EPS, True, True)
+    with pytest.raises(TypeError, match="positions must be int64"):
+        compress_decode(*args[:3], args[3].int(), *args[4:], EPS, True, True)
