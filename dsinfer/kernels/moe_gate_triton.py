@@ -5,7 +5,8 @@ and the route scale.
 PyTorch spends a dozen launches on routing (softmax, two top-k passes, gathers, masks); the kernel takes one
 token per program and finds the top-k by repeated arg-max, so ties go to the lower expert id, as `torch.topk`
 does on these inputs in practice (exact ties do not occur with real logits). Twin: `route_torch`.
-The logits at decode sizes are one GEMV launch reading the activations in their dtype and the float32 weight
+V4's hash layers take their experts from a table by token id: `hash_route` (twin `hash_route_torch`) weighs them in
+one launch. The logits at decode sizes are one GEMV launch reading the activations in their dtype and the float32 weight
 (cuBLAS takes a cast of x and two kernels); twin: `router_logits_torch`.
 """
 
@@ -99,6 +100,14 @@ def route_torch(logits: torch.Tensor, bias: torch.Tensor | None, n_groups: int, 
 
 
 @triton.jit
+def _sqrt_softplus(z):
+    """V4's router score sqrt(softplus(z)), torch's threshold 20; log1p(u) as log(v) u / (v - 1), v = 1 + u."""
+    u = tl.exp(tl.minimum(z, 20.0))
+    v = 1.0 + u
+    return tl.sqrt(tl.where(z > 20.0, z, tl.where(v == 1.0, u, tl.log(v) * u / (v - 1.0))))
+
+
+@triton.jit
 def _route_kernel(logits_ptr, bias_ptr, weights_ptr, indices_ptr, n_groups, per_group, stride_l, route_scale,
                   TOPK: tl.constexpr, G: tl.constexpr, TOPK_G: tl.constexpr, PER_G: tl.constexpr,
                   SCORE: tl.constexpr, HAS_BIAS: tl.constexpr, NORM: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -110,10 +119,8 @@ def _route_kernel(logits_ptr, bias_ptr, weights_ptr, indices_ptr, n_groups, per_
     z = tl.load(logits_ptr + t * stride_l + e, mask=ok, other=float("-inf"))
     if SCORE == 1:
         scores = tl.sigmoid(z)
-    elif SCORE == 2:    # sqrt(softplus(z)), torch's threshold 20; log1p(u) as log(v) u / (v - 1), v = 1 + u
-        u = tl.exp(tl.minimum(z, 20.0))
-        v = 1.0 + u
-        scores = tl.sqrt(tl.where(z > 20.0, z, tl.where(v == 1.0, u, tl.log(v) * u / (v - 1.0))))
+    elif SCORE == 2:
+        scores = _sqrt_softplus(z)
     else:
         z = z - tl.max(tl.max(z, 1), 0)
         p = tl.exp(z)
@@ -172,4 +179,46 @@ def route(logits: torch.Tensor, bias: torch.Tensor | None, n_groups: int, topk_g
                             PER_G=triton.next_power_of_2(per_group), SCORE=SCORE_FUNCS.index(score_func),
                             HAS_BIAS=bias is not None, NORM=norm_topk_prob, BLOCK_K=triton.next_power_of_2(topk),
                             num_warps=4)
+    return weights, indices
+
+
+def hash_route_torch(logits: torch.Tensor, token_ids: torch.Tensor, tid2eid: torch.Tensor,
+                     route_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """V4's hash layers: the experts of each token from a fixed table, weighted by their sqrt(softplus) scores
+    renormalised to sum to 1, times route_scale. logits (T, E) float32, token_ids (T,) int64, tid2eid (V, k) ->
+    weights (T, k) float32, indices (T, k) int64."""
+    indices = tid2eid[token_ids].long()
+    weights = torch.nn.functional.softplus(logits).sqrt().gather(1, indices)
+    return weights / weights.sum(dim=-1, keepdim=True) * route_scale, indices
+
+
+@triton.jit
+def _hash_route_kernel(logits_ptr, ids_ptr, table_ptr, weights_ptr, indices_ptr, stride_l, stride_t, route_scale,
+                       TOPK: tl.constexpr, BLOCK_K: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    slots = tl.arange(0, BLOCK_K)
+    ok = slots < TOPK
+    e = tl.load(table_ptr + tl.load(ids_ptr + t) * stride_t + slots, mask=ok, other=0).to(tl.int64)
+    w = tl.where(ok, _sqrt_softplus(tl.load(logits_ptr + t * stride_l + e, mask=ok, other=0.0)), 0.0)
+    tl.store(weights_ptr + t * TOPK + slots, w / tl.sum(w, 0) * route_scale, mask=ok)
+    tl.store(indices_ptr + t * TOPK + slots, e, mask=ok)
+
+
+def hash_route(logits: torch.Tensor, token_ids: torch.Tensor, tid2eid: torch.Tensor,
+               route_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Triton kernel (one launch, one token per program); arguments and results as hash_route_torch."""
+    check_device(logits=logits, token_ids=token_ids, tid2eid=tid2eid)
+    T, E = logits.shape
+    if (logits.dtype != torch.float32 or logits.stride(-1) != 1 or token_ids.shape != (T,) or tid2eid.dim() != 2
+            or tid2eid.stride(-1) != 1):
+        raise ValueError(f"hash routing needs float32 logits (T, E) with a contiguous last dim, token ids (T,) and "
+                         f"a table (V, k); got {tuple(logits.shape)} {logits.dtype}, {tuple(token_ids.shape)}, "
+                         f"{tuple(tid2eid.shape)}")
+    k = tid2eid.shape[1]
+    weights = torch.empty(T, k, dtype=torch.float32, device=logits.device)
+    indices = torch.empty(T, k, dtype=torch.int64, device=logits.device)
+    if T:
+        _hash_route_kernel[(T,)](logits, token_ids.contiguous(), tid2eid, weights, indices, logits.stride(0),
+                                 tid2eid.stride(0), float(route_scale), TOPK=k, BLOCK_K=triton.next_power_of_2(k),
+                                 num_warps=1)
     return weights, indices

@@ -271,10 +271,11 @@ class MLP(nn.Module):
 
 
 def fused_swiglu(w1: Linear, w2: Linear, w3: Linear, x: torch.Tensor, out: torch.Tensor | None = None,
-                 swiglu_limit: float = 0.0, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+                 swiglu_limit: float = 0.0, out_dtype: torch.dtype = torch.float32, routed=None) -> torch.Tensor:
     """w2(silu(w1 x) * w3 x) of three linear layers (bf16 or FP8) through the fused MoE kernels' two launches,
-    every token on one "expert": (T, D) in out_dtype, added into `out` if given. swiglu_limit: V4's clamp."""
+    every token on one "expert": (T, D) in out_dtype, added into `out` if given, plus the `routed` slots
+    (kernels.fused_moe.RoutedSlots) of these tokens if given. swiglu_limit: V4's clamp."""
     from ..kernels.fused_moe import fused_mlp
     mode = fused_moe_mode(w1.scale is not None, w1.fp8_impl, x.device, w1.block_size)
     return fused_mlp(x, w1.weight, w2.weight, w3.weight, w1.scale, w2.scale, w3.scale, mode, out=out,
-                     swiglu_limit=swiglu_limit, out_dtype=out_dtype)
+                     swiglu_limit=swiglu_limit, routed=routed, out_dtype=out_dtype)

@@ -9,8 +9,9 @@
   128x128 block scales, or FP4 e2m1 packed two per byte with one E8M0 scale per 32 inputs.
 - Two backends (`Experts.backend`, set by `moe.set_moe_backend`): "torch" dequantizes one expert at a time (a
   loop that waits for the host once per layer); "triton" runs the routed experts in the fused MoE kernel
-  (FP4 decoded in registers, the clamp and the routing weight on h inside) and adds the shared expert in the
-  same kernels' dense form, without a host sync.
+  (FP4 decoded in registers, the clamp and the routing weight on h inside) and the shared expert in the same
+  kernels' dense form, whose down projection adds the routed slots and stores the layer's output, without a
+  host sync.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from torch import nn
 
 from ..kernels import weight_dequant_torch
 from ..kernels.fp4 import fp4_dequant_torch
-from ..kernels.moe_gate_triton import route_torch
+from ..kernels.moe_gate_triton import hash_route_torch, route_torch
 from .args_v4 import ModelArgsV4
 from .layers import Linear, fused_moe_mode, fused_swiglu
 
@@ -54,16 +55,13 @@ class Gate(nn.Module):
 
     def forward(self, x: torch.Tensor, token_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if x.is_cuda:       # the logits as one GEMV launch at decode, one launch for the routing after them
-            from ..kernels.moe_gate_triton import route, router_logits
+            from ..kernels.moe_gate_triton import hash_route, route, router_logits
             logits = router_logits(x, self.weight)                                     # (T, E) float32
         else:
-            logits, route = F.linear(x.float(), self.weight), route_torch
+            logits, route, hash_route = F.linear(x.float(), self.weight), route_torch, hash_route_torch
         if not self.hash:   # sqrt(softplus) scores; top-k of scores + bias; the chosen scores renormalised, scaled
             return route(logits, self.bias, 1, 1, self.topk, "sqrtsoftplus", True, self.route_scale)
-        indices = self.tid2eid[token_ids].long()                                       # hash layers: by token id
-        weights = F.softplus(logits).sqrt().gather(1, indices)
-        weights = weights / weights.sum(dim=-1, keepdim=True)
-        return weights * self.route_scale, indices
+        return hash_route(logits, token_ids, self.tid2eid, self.route_scale)          # by token id, renormalised
 
 
 class Experts(nn.Module):
@@ -124,9 +122,10 @@ class SharedExpert(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(swiglu_clamped(self.w1(x), self.w3(x), self.limit).to(x.dtype))
 
-    def fused(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """x: (T, D); adds the expert's output into `out` ((T, D) float32) through the fused kernels."""
-        return fused_swiglu(self.w1, self.w2, self.w3, x, out, self.limit)
+    def fused(self, x: torch.Tensor, routed) -> torch.Tensor:
+        """x: (T, D) -> the expert's output plus the routed experts' slots (kernels.fused_moe.RoutedSlots), summed
+        in float32 in the fused kernels' epilogue and stored in x's dtype."""
+        return fused_swiglu(self.w1, self.w2, self.w3, x, swiglu_limit=self.limit, out_dtype=x.dtype, routed=routed)
 
 
 class MoE(nn.Module):
@@ -141,12 +140,12 @@ class MoE(nn.Module):
     def forward(self, x: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
         """x: (T, D), token_ids: (T,) -> (T, D). Routed outputs summed in float32, then the shared expert."""
         weights, indices = self.gate(x, token_ids)                                     # (T, k), (T, k)
-        if self.experts.backend == "triton":
-            from ..kernels.fused_moe import fused_moe
+        if self.experts.backend == "triton":    # routed slots, then the shared expert adds them as it stores
+            from ..kernels.fused_moe import fused_moe_slots
             e = self.experts
-            y = fused_moe(x, weights, indices, e.w1, e.w2, e.w3, e.w1_scale, e.w2_scale, e.w3_scale,
-                          mode=e.fused_mode(x.device), swiglu_limit=self.limit, route_on_h=True)
-            return self.shared_experts.fused(x, y).to(x.dtype)
+            routed = fused_moe_slots(x, weights, indices, e.w1, e.w2, e.w3, e.w1_scale, e.w2_scale, e.w3_scale,
+                                     mode=e.fused_mode(x.device), swiglu_limit=self.limit, route_on_h=True)
+            return self.shared_experts.fused(x, routed)
         flat = indices.flatten()
         order = flat.argsort(stable=True)                                              # slots grouped by expert
         token, weight = order // indices.shape[1], weights.flatten()[order]

@@ -1,9 +1,17 @@
-"""The routing kernel against its twin (Triton's interpreter on CPU) for every released router shape."""
+"""The routing kernels against their twins (Triton's interpreter on CPU) for every released router shape, V4's
+hash routing among them, and the twins against the formulas written out in float64."""
 
 import pytest
 import torch
 
-from dsinfer.kernels.moe_gate_triton import ROUTER_GEMV_BYTES, route, route_torch, router_logits
+from dsinfer.kernels.moe_gate_triton import (
+    ROUTER_GEMV_BYTES,
+    hash_route,
+    hash_route_torch,
+    route,
+    route_torch,
+    router_logits,
+)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -42,6 +50,29 @@ def test_sqrtsoftplus_twin_is_the_v4_router():
     want_w = scores.gather(1, want_idx)
     assert torch.equal(idx, want_idx)
     torch.testing.assert_close(w.double(), want_w / want_w.sum(-1, keepdim=True) * 1.5, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("T,k", [(1, 6), (5, 6), (3, 1)])
+def test_hash_route_equals_the_formula(T, k):
+    """Experts from the table row of each token id; weights sqrt(log(1 + e^z)) of those logits in float64 (large
+    logits past softplus' threshold included), renormalised and scaled; the kernel equals its twin."""
+    g = torch.Generator().manual_seed(T * k)
+    logits = torch.randn(T, 32, generator=g) * 4
+    logits[0, :4] = torch.tensor([25.0, -30.0, 0.0, 19.9])
+    table = torch.stack([torch.randperm(32, generator=g)[:k] for _ in range(50)])
+    table[7, :min(k, 4)] = torch.arange(min(k, 4))
+    ids = torch.randint(0, 50, (T,), generator=g)
+    ids[0] = 7
+    want_idx = table[ids]
+    z = logits.double().gather(1, want_idx)
+    scores = torch.where(z > 20, z, torch.log1p(z.exp())).sqrt()
+    want_w = scores / scores.sum(-1, keepdim=True) * 1.5
+    w_ref, idx_ref = hash_route_torch(logits, ids, table, 1.5)
+    assert torch.equal(idx_ref, want_idx)
+    torch.testing.assert_close(w_ref.double(), want_w, rtol=1e-6, atol=1e-7)
+    w, idx = hash_route(logits.to(DEVICE), ids.to(DEVICE), table.to(DEVICE), 1.5)
+    assert torch.equal(idx.cpu(), want_idx) and idx.dtype == torch.int64
+    torch.testing.assert_close(w.cpu(), w_ref, rtol=1e-5, atol=1e-6)
 
 
 def test_route_rejects_an_unknown_score_func():
