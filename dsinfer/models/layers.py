@@ -18,6 +18,7 @@ from ..parallel import ParallelState
 #   "torch"       dequantize to x's dtype in PyTorch and call F.linear (the reference path; CPU default)
 #   "fp8_gemm"    quantize x per token (act_quant, the model's scale_fmt) and run the Triton FP8 GEMM (Ada/Hopper+)
 #   "weight_only" decode the e4m3 bytes inside a Triton bf16 GEMM (GPUs without FP8 tensor cores, e.g. A100)
+#   (both: one token (M = 1) runs kernels/fp8_gemv.py's matrix-vector product instead, x quantized in it or not)
 #   "auto"        torch on CPU; fp8_gemm on CUDA with compute capability >= 8.9; weight_only on older CUDA GPUs
 FP8_IMPLS = ("auto", "torch", "fp8_gemm", "weight_only")
 KERNEL_BLOCK = (128, 128)    # the only weight block size the Triton kernels take
