@@ -220,9 +220,12 @@ class DecodeLayerStore:
         self.compressor, self.indexer = stores.get("compressor"), stores.get("indexer")
 
     def write_window(self, kv: torch.Tensor, batch: V4DecodeBatch) -> None:
-        """Each row's new key/value row (B, d) into its slot's ring, at p % window_size."""
-        self.ring[batch.slots, batch.positions % self.window_size] = kv
+        """Each row's new key/value row (B, d) into its slot's ring, at p % window_size: the pool row of position p
+        is batch.window_rows[:, 0]."""
+        self.pool[batch.window_rows[:, 0]] = kv
 
     def entry_pool_rows(self, batch: V4DecodeBatch) -> torch.Tensor:
-        """(B, E) int64 pool rows of each row's entries 0 .. E - 1 (E from the batch's entry_rows)."""
-        return batch.entry_rows[self.ratio] + self.entries_base
+        """(B, E) int64 pool rows of each row's entries 0 .. E - 1 (E from the batch's entry_rows); the same for
+        every layer of this ratio (every layer's rings take the same rows), so worked out once a step."""
+        return batch.memo(("entry_pool_rows", self.ratio, self.entries_base),
+                          lambda: batch.entry_rows[self.ratio] + self.entries_base)

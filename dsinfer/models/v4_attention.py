@@ -113,9 +113,12 @@ class Attention(nn.Module):
             if self.indexer is not None:
                 picked = self.indexer.decode(x, qr, batch, store.indexer, rope_table, self.simulate_qat)
                 entries = torch.where(picked >= 0, rows.gather(1, picked.clamp(min=0)), -1)
-            else:                                                                   # HCA: every visible entry
-                entries = torch.where(visible_entries(rows.shape[1], batch.positions, self.ratio) >= 0, rows, -1)
-            indices = torch.cat([indices, entries], dim=1)
+                indices = torch.cat([indices, entries], dim=1)
+            else:                                       # HCA: every visible entry (alike in every HCA layer)
+                def hca(window=indices):
+                    visible = visible_entries(rows.shape[1], batch.positions, self.ratio) >= 0
+                    return torch.cat([window, torch.where(visible, rows, -1)], dim=1)
+                indices = batch.memo(("hca_indices", self.ratio, store.entries_base), hca)
         return self._attend_and_project(q, store.pool, indices, cos_sin)
 
     def _head_rope(self):

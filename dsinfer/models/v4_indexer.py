@@ -88,9 +88,11 @@ class Indexer(nn.Module):
         E = rows.shape[1]
         q, w, kv_score = self.project(x, qr, p, rope_table, simulate_qat, score=E > self.topk)
         self.compressor.decode(x, batch, store, rope_table, simulate_qat, kv_score)
-        every = visible_entries(min(E, self.topk), p, self.ratio)                     # (B, k), -1 = not yet
+        k = min(E, self.topk)                                  # (B, k), -1 = not yet; alike in every CSA layer
+        every = batch.memo(("visible", self.ratio, k), lambda: visible_entries(k, p, self.ratio))
         if E <= self.topk:                   # no row can have more than index_topk entries: no scoring
             return every
         scores = indexer_scores_rows if self.attn_backend == "triton" else indexer_scores_rows_torch
         top = scores(q.contiguous(), store.entries, rows, w.contiguous(), p, self.ratio).topk(self.topk, dim=-1)
-        return torch.where(((p + 1) // self.ratio <= self.topk)[:, None], every, top.indices)
+        few = batch.memo(("few", self.ratio, self.topk), lambda: ((p + 1) // self.ratio <= self.topk)[:, None])
+        return torch.where(few, every, top.indices)

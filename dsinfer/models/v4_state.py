@@ -109,3 +109,12 @@ class V4DecodeBatch:
     entry_rows: dict[int, torch.Tensor]    # ratio m -> (B, E_m) int64: where entry w of row b lies among a layer's
                                            # entry rows; E_m > every row's p // m
     layers: list = field(default_factory=list)
+    _derived: dict = field(default_factory=dict, repr=False)
+
+    def memo(self, key, make):
+        """A tensor of this step that many layers derive alike from the batch (visible entries per ratio, pool rows):
+        made by the first layer that asks, `make()`, and shared by the rest (inside a CUDA graph capture too: the
+        batch is built per forward)."""
+        if key not in self._derived:
+            self._derived[key] = make()
+        return self._derived[key]
