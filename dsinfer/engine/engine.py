@@ -16,6 +16,7 @@ from ..models.args_v4 import ModelArgsV4
 from ..models.layers import set_attn_backend, set_fp8_impl
 from ..models.mla import fuse_input_projections
 from ..models.moe import set_moe_backend
+from ..models.v4_attention import fuse_input_projections as fuse_v4_input_projections
 from ..parallel import ParallelState
 from ..sampling import Sampler, SamplingParams, TokenLogprobs, compute_logprobs
 from ..tokenizer import IncrementalDetokenizer, Tokenizer
@@ -134,8 +135,9 @@ class Engine:
         self.device, self.dtype = self.parallel.device, config.torch_dtype
         self.vocab_limit = tokenizer.vocab_size if tokenizer else None
         self.eos_ids = tokenizer.eos_ids if tokenizer else set()
-        if not isinstance(args, ModelArgsV4):
-            fuse_input_projections(self.model)     # one GEMM for wq_a and wkv_a (not across TP-split wq)
+        # one GEMM for the projections of the layer input: MLA's wq_a and wkv_a (not across TP-split wq), V4's
+        # wq_a and wkv
+        (fuse_v4_input_projections if isinstance(args, ModelArgsV4) else fuse_input_projections)(self.model)
         set_fp8_impl(self.model, config.fp8_impl)
         backend = config.attn_backend
         if backend == "auto":

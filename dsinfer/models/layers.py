@@ -81,6 +81,24 @@ def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = N
     return y.to(x.dtype).view(*x.shape[:-1], weight.shape[0])                 # (..., N)
 
 
+def stack_linears(*layers: "Linear") -> "Linear | None":
+    """One Linear that computes `layers` (of one input) side by side, their outputs concatenated in order: one GEMM
+    and one activation quantization instead of several. None where they cannot be stacked: different inputs,
+    formats or dtypes, or FP8 blocks that would straddle a seam."""
+    first = layers[0]
+    if any(m.in_features != first.in_features or (m.scale is None) != (first.scale is None)
+           or m.weight.dtype != first.weight.dtype or m.block_size != first.block_size for m in layers):
+        return None
+    if first.scale is not None and any(m.out_features % first.block_size[0] for m in layers[:-1]):
+        return None
+    fused = Linear(first.in_features, sum(m.out_features for m in layers), first.block_size)
+    fused.weight = nn.Parameter(torch.cat([m.weight for m in layers]), requires_grad=False)
+    if first.scale is not None:
+        fused.scale = nn.Parameter(torch.cat([m.scale for m in layers]), requires_grad=False)
+    fused.fp8_impl, fused.act_scale_fmt = first.fp8_impl, first.act_scale_fmt
+    return fused
+
+
 ATTN_BACKENDS = ("torch", "triton")
 
 

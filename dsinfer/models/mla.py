@@ -21,7 +21,7 @@ from ..kernels.mla_triton import mla_attention as mla_attention_triton
 from ..parallel import ParallelState
 from .args import ModelArgs
 from .batch import AttentionMetadata
-from .layers import ColumnParallelLinear, Linear, RMSNorm, RowParallelLinear
+from .layers import ColumnParallelLinear, Linear, RMSNorm, RowParallelLinear, stack_linears
 from .rope import apply_rotary
 
 ATTN_IMPLS = ("absorb", "naive")
@@ -60,15 +60,11 @@ class MLA(nn.Module):
         of the GPU streaming at decode. Not where wq is split over tensor-parallel ranks (wkv_a is whole on
         each), the formats differ, or FP8 blocks would straddle the seam. Returns whether it fused."""
         q, kv = (self.wq if self.q_lora_rank == 0 else self.wq_a), self.wkv_a
-        if (self.wqkv_a is not None or (isinstance(q, ColumnParallelLinear) and q.parallel.world_size > 1)
-                or (q.scale is None) != (kv.scale is None) or q.weight.dtype != kv.weight.dtype
-                or (q.scale is not None and (q.out_features % q.block_size[0] or q.block_size != kv.block_size))):
+        if self.wqkv_a is not None or (isinstance(q, ColumnParallelLinear) and q.parallel.world_size > 1):
             return False
-        fused = Linear(q.in_features, q.out_features + kv.out_features, q.block_size)
-        fused.weight = nn.Parameter(torch.cat([q.weight, kv.weight]), requires_grad=False)
-        if q.scale is not None:
-            fused.scale = nn.Parameter(torch.cat([q.scale, kv.scale]), requires_grad=False)
-        fused.fp8_impl, fused.act_scale_fmt = q.fp8_impl, q.act_scale_fmt
+        fused = stack_linears(q, kv)
+        if fused is None:
+            return False
         self.wqkv_a, self.wqkv_a_split = fused, [q.out_features, kv.out_features]
         del self.wkv_a
         if self.q_lora_rank == 0:

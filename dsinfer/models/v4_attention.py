@@ -23,7 +23,7 @@ from ..kernels.v4_compress import KV_QAT_BLOCK
 from ..kernels.v4_rope import head_rope, head_rope_torch
 from ..kernels.v4_sparse_attention import sparse_attention, sparse_attention_torch
 from .args_v4 import CSA, SLIDING, ModelArgsV4
-from .layers import Linear, RMSNorm
+from .layers import Linear, RMSNorm, stack_linears
 from .v4_compressor import Compressor
 from .v4_indexer import Indexer, visible_entries
 from .v4_state import CompressorState, LayerState, V4Batch, V4DecodeBatch
@@ -54,12 +54,23 @@ class Attention(nn.Module):
         self.wq_b = Linear(args.q_lora_rank, self.n_heads * self.head_dim, block)
         self.wkv = Linear(args.dim, self.head_dim, block)
         self.kv_norm = RMSNorm(self.head_dim, args.norm_eps)
+        self.wqkv: Linear | None = None        # wq_a and wkv as one GEMM (fuse_input_projections)
         self.wo_a = Linear(self.n_heads * self.head_dim // self.o_groups, self.o_groups * self.o_lora_rank, block)
         self.wo_b = Linear(self.o_groups * self.o_lora_rank, args.dim, block)
         if self.kind != SLIDING:
             self.compressor = Compressor(args.dim, self.head_dim, self.rope_head_dim, self.ratio,
                                          overlap=self.kind == CSA, rotate=False, norm_eps=args.norm_eps)
         self.indexer = Indexer(args, self.ratio) if self.kind == CSA else None
+
+    def fuse_input_projections(self) -> bool:
+        """Stack wq_a and wkv (both read the layer input) into one linear layer: one GEMM (at decode one
+        matrix-vector launch) and one activation quantization fewer per layer. Returns whether it fused."""
+        fused = None if self.wqkv is not None else stack_linears(self.wq_a, self.wkv)
+        if fused is None:
+            return False
+        self.wqkv, self.wqkv_split = fused, [self.wq_a.out_features, self.wkv.out_features]
+        del self.wq_a, self.wkv
+        return True
 
     def new_state(self) -> LayerState:
         return LayerState(compressor=CompressorState() if self.kind != SLIDING else None,
@@ -130,11 +141,15 @@ class Attention(nn.Module):
         the query LoRA activation qr (T, q_lora) and the rotary table rows (T, rope/2, 2)."""
         T, rd = x.shape[0], self.rope_head_dim
         cos_sin = rope_table[positions]                                             # (T, rope/2, 2)
-        qr = self.q_norm(self.wq_a(x))                                              # (T, q_lora)
+        if self.wqkv is not None:
+            qa, kva = self.wqkv(x).split(self.wqkv_split, dim=-1)
+        else:
+            qa, kva = self.wq_a(x), self.wkv(x)
+        qr = self.q_norm(qa)                                                        # (T, q_lora)
         rope = self._head_rope()
         # q: unweighted RMS norm per head, then the rotary; kv: the rotary, and the QAT rounding of the rest
         q = rope(self.wq_b(qr).view(T, self.n_heads, self.head_dim), cos_sin, rd, eps=self.eps)   # (T, H, d)
-        kv = rope(self.kv_norm(self.wkv(x)), cos_sin, rd, qat_block=KV_QAT_BLOCK if self.simulate_qat else 0)
+        kv = rope(self.kv_norm(kva), cos_sin, rd, qat_block=KV_QAT_BLOCK if self.simulate_qat else 0)
         return q, kv, qr, cos_sin
 
     def _attend_and_project(self, q: torch.Tensor, pool: torch.Tensor, indices: torch.Tensor,
@@ -169,3 +184,8 @@ class Attention(nn.Module):
             indices = torch.cat([indices, torch.where(picked >= 0, picked + keys.shape[0], -1)], dim=1)
             keys = torch.cat([keys, entries])
         return keys, indices
+
+
+def fuse_input_projections(model: nn.Module) -> int:
+    """Attention.fuse_input_projections on every V4 attention layer of `model`; returns how many fused."""
+    return sum(m.fuse_input_projections() for m in model.modules() if isinstance(m, Attention))
