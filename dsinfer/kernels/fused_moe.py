@@ -421,12 +421,12 @@ def _check_args(mode: str, x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, 
                              f"experts of width {inter}; got {tuple(t.shape)}")
 
 
-def _activations(x: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _activations(x: torch.Tensor, mode: str, scale_fmt: str | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The first GEMM's input: FP8 + per-token scales (block_scaled), bf16 where the kernel decodes weights to
     bf16 (weight-only modes on GPU), else x."""
     x = x.contiguous()
     if mode == "block_scaled":
-        return _act_quant(x)
+        return _act_quant(x, scale_fmt)
     if mode in ("weight_only", "fp4_weight_only") and x.dtype != torch.bfloat16 and not interpreting():
         x = x.to(torch.bfloat16)
     return x, None
@@ -446,7 +446,7 @@ class RoutedSlots(NamedTuple):
 def fused_moe(x: torch.Tensor, route_w: torch.Tensor, indices: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
               w3: torch.Tensor, w1_s: torch.Tensor | None = None, w2_s: torch.Tensor | None = None,
               w3_s: torch.Tensor | None = None, first: int = 0, mode: str = "plain", swiglu_limit: float = 0.0,
-              route_on_h: bool = False) -> torch.Tensor:
+              route_on_h: bool = False, scale_fmt: str | None = None) -> torch.Tensor:
     """Routed experts of one layer. x: (T, D) bf16/fp16/fp32; route_w: (T, k) float32; indices: (T, k) int64
     global expert ids; first: global id of local expert 0. Weights by mode:
     - "plain": w1, w3: (E_local, I, D), w2: (E_local, D, I) in x's dtype;
@@ -456,26 +456,28 @@ def fused_moe(x: torch.Tensor, route_w: torch.Tensor, indices: torch.Tensor, w1:
       w*_s: (E_local, rows, cols/32) E8M0 bytes (uint8 or float8_e8m0fnu).
     swiglu_limit > 0: gate = min(gate, L), up = clamp(up, -L, L) before silu(gate) * up (DeepSeek-V4).
     route_on_h: multiply h by the routing weight before the down projection (V4's rounding) instead of after.
+    scale_fmt: how "block_scaled" quantizes the activations (None or "ue8m0": power-of-two scales, V3.1 and V4).
     Returns (T, D) float32."""
     T, D = x.shape
     out = torch.zeros(T * indices.shape[1], D, dtype=torch.float32, device=x.device)   # other ranks' slots stay 0
-    _routed(x, route_w, indices, w1, w2, w3, w1_s, w2_s, w3_s, first, mode, swiglu_limit, route_on_h, out)
+    _routed(x, route_w, indices, w1, w2, w3, w1_s, w2_s, w3_s, first, mode, swiglu_limit, route_on_h, out, scale_fmt)
     return out.view(T, -1, D).sum(dim=1)          # in slot order: a token's sum does not depend on its batch
 
 
 def fused_moe_slots(x: torch.Tensor, route_w: torch.Tensor, indices: torch.Tensor, w1: torch.Tensor,
                     w2: torch.Tensor, w3: torch.Tensor, w1_s: torch.Tensor | None = None,
                     w2_s: torch.Tensor | None = None, w3_s: torch.Tensor | None = None, first: int = 0,
-                    mode: str = "plain", swiglu_limit: float = 0.0, route_on_h: bool = False) -> RoutedSlots:
+                    mode: str = "plain", swiglu_limit: float = 0.0, route_on_h: bool = False,
+                    scale_fmt: str | None = None) -> RoutedSlots:
     """`fused_moe` without the sum: the (T * k, D) float32 outputs per slot, for `fused_mlp(routed=)` to add."""
     indices = indices.contiguous()
     out = torch.empty(indices.numel(), x.shape[1], dtype=torch.float32, device=x.device)
-    _routed(x, route_w, indices, w1, w2, w3, w1_s, w2_s, w3_s, first, mode, swiglu_limit, route_on_h, out)
+    _routed(x, route_w, indices, w1, w2, w3, w1_s, w2_s, w3_s, first, mode, swiglu_limit, route_on_h, out, scale_fmt)
     return RoutedSlots(out, indices, first, w1.shape[0])
 
 
 def _routed(x, route_w, indices, w1, w2, w3, w1_s, w2_s, w3_s, first, mode, swiglu_limit, route_on_h,
-            out) -> None:
+            out, scale_fmt=None) -> None:
     """The two grouped GEMMs, writing each local slot's weighted output into its row of out (T * k, D). One token
     (batch-1 decode) skips the alignment: its k slots are k distinct experts, so each slot is a tile by itself
     (were two the same, that expert's weights would be read twice, the result unchanged): k tiles, as many as
@@ -494,7 +496,7 @@ def _routed(x, route_w, indices, w1, w2, w3, w1_s, w2_s, w3_s, first, mode, swig
         sorted_slots, block_expert = align_slots(indices, first, n_local, block_m)
         active = block_expert.numel()                                      # tiles (see _aligned_size)
     route_w = route_w.float().contiguous().flatten()
-    x, a_s = _activations(x, mode)
+    x, a_s = _activations(x, mode, scale_fmt)
     h_dtype = x.dtype if mode != "block_scaled" else torch.bfloat16
     h = torch.empty(T * top_k, inter, dtype=h_dtype, device=x.device)
     if _fp4_gemv(T, mode):                          # matrix-vector products, no tensor cores (fp4_gemv_triton.py)
@@ -508,7 +510,7 @@ def _routed(x, route_w, indices, w1, w2, w3, w1_s, w2_s, w3_s, first, mode, swig
           swiglu_limit=swiglu_limit, route_on_h=route_on_h, per_slot=per_slot)
     h_s = None
     if mode == "block_scaled":
-        h, h_s = _act_quant(h)
+        h, h_s = _act_quant(h, scale_fmt)
     _gemm(h, h_s, w2, w2_s, w2, w2_s, out, sorted_slots, block_expert, route_w, top_k, mode, False, block_m,
           active, route_on_h=route_on_h, per_slot=per_slot)
 
@@ -516,17 +518,17 @@ def _routed(x, route_w, indices, w1, w2, w3, w1_s, w2_s, w3_s, first, mode, swig
 def fused_mlp(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor, w1_s: torch.Tensor | None = None,
               w2_s: torch.Tensor | None = None, w3_s: torch.Tensor | None = None, mode: str = "plain",
               out: torch.Tensor | None = None, swiglu_limit: float = 0.0, routed: RoutedSlots | None = None,
-              out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+              out_dtype: torch.dtype = torch.float32, scale_fmt: str | None = None) -> torch.Tensor:
     """A dense SwiGLU MLP (the shared experts) through the same two kernels, every token on one "expert".
     x: (T, D); w1, w3: (I, D), w2: (D, I), FP8 with (ceil(rows/128), ceil(cols/128)) scales in the FP8 modes,
     packed FP4 ((I, D/2), (D, I/2)) with (rows, cols/32) E8M0 scales in "fp4_weight_only".
     Returns (T, D) in out_dtype (float32 by default); with `out` ((T, D) float32, e.g. the routed experts' sum)
     the result is added into it in the down projection's epilogue, and `out` is returned. With `routed` (from
     `fused_moe_slots` for these T tokens) the epilogue adds each token's routed slots, summed in slot order, to
-    the result: the MoE layer's output in one store. swiglu_limit as in `fused_moe`.
+    the result: the MoE layer's output in one store. swiglu_limit and scale_fmt as in `fused_moe`.
     The two GEMMs are also callable apart (`fused_mlp_up`, then `fused_mlp_down`), so that other work can run
     between or beside them."""
-    hidden = fused_mlp_up(x, w1, w2, w3, w1_s, w2_s, w3_s, mode, swiglu_limit)
+    hidden = fused_mlp_up(x, w1, w2, w3, w1_s, w2_s, w3_s, mode, swiglu_limit, scale_fmt)
     return fused_mlp_down(hidden, w2, w2_s, out, routed, out_dtype)
 
 
@@ -536,11 +538,13 @@ class MlpHidden(NamedTuple):
     h: torch.Tensor
     h_s: torch.Tensor | None
     mode: str
+    scale_fmt: str | None = None         # how the down projection quantizes h where h_s is None (one token)
 
 
 def fused_mlp_up(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor,
                  w1_s: torch.Tensor | None = None, w2_s: torch.Tensor | None = None,
-                 w3_s: torch.Tensor | None = None, mode: str = "plain", swiglu_limit: float = 0.0) -> MlpHidden:
+                 w3_s: torch.Tensor | None = None, mode: str = "plain", swiglu_limit: float = 0.0,
+                 scale_fmt: str | None = None) -> MlpHidden:
     """`fused_mlp`'s gate/up GEMM with the SwiGLU (all three weights are checked here, as by `fused_mlp`)."""
     w1, w2, w3 = w1.unsqueeze(0), w2.unsqueeze(0), w3.unsqueeze(0)
     w1_s, w2_s, w3_s = (None if s is None else s.unsqueeze(0) for s in (w1_s, w2_s, w3_s))
@@ -549,17 +553,17 @@ def fused_mlp_up(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.
     if _fp8_gemv(x, mode, w1):
         scaled = mode == "block_scaled"
         h = fp8_gemv(x.to(torch.bfloat16).contiguous(), w1[0], w1_s[0], w3[0], w3_s[0], quantize=scaled,
-                     swiglu_limit=swiglu_limit)                       # x as _act_quant / _activations round it
-        return MlpHidden(h, None, mode)
+                     scale_fmt=scale_fmt if scaled else None, swiglu_limit=swiglu_limit)   # x as _act_quant has it
+        return MlpHidden(h, None, mode, scale_fmt)
     block_m = _block_m(T, 1)
-    x, a_s = _activations(x, mode)
+    x, a_s = _activations(x, mode, scale_fmt)
     h = torch.empty(T, w1.shape[1], dtype=x.dtype if mode != "block_scaled" else torch.bfloat16, device=x.device)
     _gemm(x, a_s, w1, w1_s, w3, w3_s, h, None, None, None, 1, mode, True, block_m, triton.cdiv(T, block_m),
           dense=True, swiglu_limit=swiglu_limit)
     h_s = None
     if mode == "block_scaled":
-        h, h_s = _act_quant(h)
-    return MlpHidden(h, h_s, mode)
+        h, h_s = _act_quant(h, scale_fmt)
+    return MlpHidden(h, h_s, mode, scale_fmt)
 
 
 def fused_mlp_down(hidden: MlpHidden, w2: torch.Tensor, w2_s: torch.Tensor | None = None,
@@ -567,7 +571,7 @@ def fused_mlp_down(hidden: MlpHidden, w2: torch.Tensor, w2_s: torch.Tensor | Non
                    out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """`fused_mlp`'s down GEMM on `fused_mlp_up`'s output, with the same w2 (and scales): out, routed and
     out_dtype as in `fused_mlp`."""
-    h, h_s, mode = hidden
+    h, h_s, mode, scale_fmt = hidden
     w2 = w2.unsqueeze(0)
     w2_s = None if w2_s is None else w2_s.unsqueeze(0)
     T, D = h.shape[0], w2.shape[1]
@@ -577,8 +581,9 @@ def fused_mlp_down(hidden: MlpHidden, w2: torch.Tensor, w2_s: torch.Tensor | Non
                          f"{tuple(routed.indices.shape)} do not belong to {T} tokens of width {D}")
     if h_s is None and h.dtype == torch.bfloat16 and _fp8_gemv(h, mode, w2):   # one token, routed slots added
         slots = None if routed is None else (routed.out, routed.indices.view(-1), routed.first, routed.n_local)
-        return fp8_gemv(h, w2[0], w2_s[0], out=out, quantize=mode == "block_scaled", dtype=out_dtype,
-                        routed=slots)
+        scaled = mode == "block_scaled"
+        return fp8_gemv(h, w2[0], w2_s[0], out=out, quantize=scaled, scale_fmt=scale_fmt if scaled else None,
+                        dtype=out_dtype, routed=slots)
     block_m = _block_m(T, 1)
     accumulate = out is not None
     if out is None:
@@ -588,15 +593,16 @@ def fused_mlp_down(hidden: MlpHidden, w2: torch.Tensor, w2_s: torch.Tensor | Non
     return out
 
 
-def _act_quant(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _act_quant(x: torch.Tensor, scale_fmt: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     from .fp8_quant_triton import act_quant
-    return act_quant(x.to(torch.bfloat16).contiguous(), 128)
+    return act_quant(x.to(torch.bfloat16).contiguous(), 128, scale_fmt)
 
 
 def fused_moe_torch(x: torch.Tensor, route_w: torch.Tensor, indices: torch.Tensor, w1: torch.Tensor,
                     w2: torch.Tensor, w3: torch.Tensor, w1_s: torch.Tensor | None = None,
                     w2_s: torch.Tensor | None = None, w3_s: torch.Tensor | None = None, first: int = 0,
-                    mode: str = "plain", swiglu_limit: float = 0.0, route_on_h: bool = False) -> torch.Tensor:
+                    mode: str = "plain", swiglu_limit: float = 0.0, route_on_h: bool = False,
+                    scale_fmt: str | None = None) -> torch.Tensor:
     """Twin of `fused_moe`: a loop over the local experts, weights dequantized (FP4 through `fp4_dequant_torch`).
     "block_scaled" also quantizes the activations (per token and 128 channels) as the kernel does; "plain" and
     "fp4_weight_only" round h to x's dtype as the kernel stores it. Returns (T, D) float32."""
@@ -611,7 +617,7 @@ def fused_moe_torch(x: torch.Tensor, route_w: torch.Tensor, indices: torch.Tenso
         else:
             ws = [w[e].float() if s is None else weight_dequant_torch(w[e], s[e], (128, 128), torch.float32)
                   for w, s in ((w1, w1_s), (w3, w3_s), (w2, w2_s))]
-        a = _quant_dequant(x[token].float()) if mode == "block_scaled" else x[token].float()
+        a = _quant_dequant(x[token].float(), scale_fmt) if mode == "block_scaled" else x[token].float()
         gate, up = a @ ws[0].T, a @ ws[1].T
         if swiglu_limit > 0:
             gate, up = gate.clamp(max=swiglu_limit), up.clamp(-swiglu_limit, swiglu_limit)
@@ -620,15 +626,15 @@ def fused_moe_torch(x: torch.Tensor, route_w: torch.Tensor, indices: torch.Tenso
         if route_on_h:
             h = h * weight
         if mode == "block_scaled":
-            h = _quant_dequant(h.to(torch.bfloat16).float())
+            h = _quant_dequant(h.to(torch.bfloat16).float(), scale_fmt)
         elif mode in ("plain", "fp4_weight_only"):
             h = h.to(x.dtype).float()
         y.index_add_(0, token, h @ ws[2].T if route_on_h else (h @ ws[2].T) * weight)
     return y
 
 
-def _quant_dequant(x: torch.Tensor) -> torch.Tensor:
-    q, s = act_quant_torch(x.to(torch.bfloat16), 128)
+def _quant_dequant(x: torch.Tensor, scale_fmt: str | None = None) -> torch.Tensor:
+    q, s = act_quant_torch(x.to(torch.bfloat16), 128, scale_fmt)
     k = x.shape[-1]
     padded = torch.nn.functional.pad(q.float(), (0, s.shape[-1] * 128 - k))
     return (padded.view(*x.shape[:-1], -1, 128) * s[..., None]).flatten(-2)[..., :k]

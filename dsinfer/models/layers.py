@@ -280,7 +280,8 @@ class MLP(nn.Module):
         from ..kernels.fused_moe import fused_mlp_up
         w1, w2, w3 = self.w1, self.w2, self.w3
         return fused_mlp_up(x, w1.weight, w2.weight, w3.weight, w1.scale, w2.scale, w3.scale,
-                            fused_moe_mode(w1.scale is not None, w1.fp8_impl, x.device, w1.block_size))
+                            fused_moe_mode(w1.scale is not None, w1.fp8_impl, x.device, w1.block_size),
+                            scale_fmt=w1.act_scale_fmt)
 
     def fused_down(self, hidden, routed=None, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The second launch on `fused_up`'s output -> (T, D) in out_dtype, plus the `routed` slots
@@ -297,4 +298,4 @@ def fused_swiglu(w1: Linear, w2: Linear, w3: Linear, x: torch.Tensor, out: torch
     from ..kernels.fused_moe import fused_mlp
     mode = fused_moe_mode(w1.scale is not None, w1.fp8_impl, x.device, w1.block_size)
     return fused_mlp(x, w1.weight, w2.weight, w3.weight, w1.scale, w2.scale, w3.scale, mode, out=out,
-                     swiglu_limit=swiglu_limit, routed=routed, out_dtype=out_dtype)
+                     swiglu_limit=swiglu_limit, routed=routed, out_dtype=out_dtype, scale_fmt=w1.act_scale_fmt)

@@ -82,14 +82,15 @@ class Experts(nn.Module):
         if self.backend == "triton":
             from ..kernels.fused_moe import fused_moe
             return fused_moe(x, weights, indices, self.w1, self.w2, self.w3, self.w1_scale, self.w2_scale,
-                             self.w3_scale, self.first, self._mode(x))
+                             self.w3_scale, self.first, self._mode(x), scale_fmt=getattr(self, "act_scale_fmt", None))
         return self._loop(x, weights, indices)
 
     def slot_outputs(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor):
         """The fused kernel's weighted outputs per slot, not yet summed (kernels.fused_moe.RoutedSlots)."""
         from ..kernels.fused_moe import fused_moe_slots
         return fused_moe_slots(x, weights, indices, self.w1, self.w2, self.w3, self.w1_scale, self.w2_scale,
-                               self.w3_scale, self.first, self._mode(x))
+                               self.w3_scale, self.first, self._mode(x),
+                               scale_fmt=getattr(self, "act_scale_fmt", None))
 
     def _mode(self, x: torch.Tensor) -> str:
         return fused_moe_mode(self.w1_scale is not None, self.fp8_impl, x.device, self.block_size)

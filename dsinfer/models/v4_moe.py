@@ -144,7 +144,8 @@ class MoE(nn.Module):
             from ..kernels.fused_moe import fused_moe_slots
             e = self.experts
             routed = fused_moe_slots(x, weights, indices, e.w1, e.w2, e.w3, e.w1_scale, e.w2_scale, e.w3_scale,
-                                     mode=e.fused_mode(x.device), swiglu_limit=self.limit, route_on_h=True)
+                                     mode=e.fused_mode(x.device), swiglu_limit=self.limit, route_on_h=True,
+                                     scale_fmt=getattr(e, "act_scale_fmt", None))
             return self.shared_experts.fused(x, routed)
         flat = indices.flatten()
         order = flat.argsort(stable=True)                                              # slots grouped by expert

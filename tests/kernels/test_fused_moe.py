@@ -8,7 +8,9 @@ import torch
 import triton
 import triton.language as tl
 
+from dsinfer.kernels import fused_moe as fused_moe_module
 from dsinfer.kernels.fp8 import weight_quant_torch
+from dsinfer.kernels.fp8_gemv import fp8_gemv
 from dsinfer.kernels.fused_moe import (
     align_slots,
     align_slots_torch,
@@ -289,25 +291,37 @@ def test_one_token_fp4_with_bf16_activations(inter, D):
     assert (got.cpu().double() - oracle).norm().item() <= 1e-2 * oracle.norm().item()
 
 
-@pytest.mark.parametrize("mode", ["weight_only", "block_scaled"])
+@pytest.mark.parametrize("mode,scale_fmt", [("weight_only", None), ("block_scaled", None),
+                                            ("block_scaled", "ue8m0")])
 @pytest.mark.parametrize("routed", [False, True])
-def test_one_token_fp8_mlp(mode, routed):
+def test_one_token_fp8_mlp(mode, scale_fmt, routed, monkeypatch):
     """A dense FP8 MLP at one token runs as matrix-vector products (kernels/fp8_gemv.py; block-scaled too, on CPU
-    through the interpreter), the routed slots added in the down projection's epilogue, against the twins."""
+    through the interpreter), the routed slots added in the down projection's epilogue, against the twins; with
+    ue8m0 both products quantize with power-of-two scales (V3.1, V4), as the model's linear layers do (the
+    coarser scales make a one-ulp difference in h flip more FP8 codes: a looser bound)."""
+    seen = []
+
+    def recording(*args, **kw):
+        seen.append(kw.get("scale_fmt"))
+        return fp8_gemv(*args, **kw)
+    monkeypatch.setattr(fused_moe_module, "fp8_gemv", recording)
     D, inter = 136, 160
     (w1, w2, w3), (s1, s2, s3) = _weights(4, 40, D, torch.bfloat16, fp8=True)
     (v1, v2, v3), (t1, t2, t3) = _weights(1, inter, D, torch.bfloat16, fp8=True, seed=4)
     route_w, indices = _routing(1, 3, 6)
     x = torch.randn(1, D, generator=torch.Generator().manual_seed(5)).to(DEVICE, torch.bfloat16)
     one = (torch.ones(1, 1, device=DEVICE), torch.zeros(1, 1, dtype=torch.long, device=DEVICE))
-    want = fused_moe_torch(x, *one, v1, v2, v3, t1, t2, t3, mode=mode)
+    want = fused_moe_torch(x, *one, v1, v2, v3, t1, t2, t3, mode=mode, scale_fmt=scale_fmt)
     kw = {}
     if routed:
         want += fused_moe_torch(x, route_w, indices, w1, w2, w3, s1, s2, s3, first=2, mode="weight_only")
         kw["routed"] = fused_moe_slots(x, route_w, indices, w1, w2, w3, s1, s2, s3, first=2, mode="weight_only")
-    got = fused_mlp(x, v1[0], v2[0], v3[0], t1[0], t2[0], t3[0], mode=mode, out_dtype=torch.bfloat16, **kw)
+    got = fused_mlp(x, v1[0], v2[0], v3[0], t1[0], t2[0], t3[0], mode=mode, out_dtype=torch.bfloat16,
+                    scale_fmt=scale_fmt, **kw)
     assert got.dtype == torch.bfloat16 and got.shape == (1, D)
-    assert (got.float() - want).norm().item() <= (3e-2 if mode == "block_scaled" else 1e-2) * want.norm().item()
+    assert seen == [scale_fmt, scale_fmt]                                        # gate/up and down
+    bound = {"weight_only": 1e-2, "block_scaled": 3e-2 if scale_fmt is None else 6e-2}[mode]
+    assert (got.float() - want).norm().item() <= bound * want.norm().item()
 
 
 def test_fp4_weights_pass_as_int8_and_e8m0_views():
