@@ -22,6 +22,16 @@ from .fp8 import SCALE_FMTS, act_dequant_torch, act_quant_torch, weight_dequant_
 from .triton_common import check_device, check_tensor
 
 OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+# Up to this many weights (per matrix) the GEMV beats act_quant + the FP8 GEMM at one token; above it (DeepSeek-V3's
+# wo and dense MLP on one GPU, 117M-132M) the tensor-core GEMM streams 4-12% faster (benchmarks/bench_fp8_gemv.py,
+# BENCHMARKS.md, H200).
+GEMV_MAX_WEIGHTS = 64 << 20
+
+
+def gemv_fits(w: torch.Tensor) -> bool:
+    """Whether a one-token product with the (N, K) FP8 weight w runs as the GEMV: K in 4-byte words, and not one
+    of the largest matrices."""
+    return w.shape[-1] % 4 == 0 and w.shape[-1] * w.shape[-2] <= GEMV_MAX_WEIGHTS
 
 
 def fp8_gemv_torch(x: torch.Tensor, w: torch.Tensor, w_s: torch.Tensor, w3: torch.Tensor | None = None,

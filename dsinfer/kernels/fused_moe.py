@@ -40,7 +40,7 @@ import triton.language as tl
 
 from .fp4 import fp4_dequant_torch
 from .fp8 import act_quant_torch, weight_dequant_torch
-from .fp8_gemv import fp8_gemv
+from .fp8_gemv import fp8_gemv, gemv_fits
 from .fp8_weight_only_triton import e4m3_to_bf16
 from .triton_common import check_device, interpreting
 
@@ -383,11 +383,12 @@ def _fp4_gemv(T: int, mode: str) -> bool:
 
 
 def _fp8_gemv(x: torch.Tensor, mode: str, w: torch.Tensor) -> bool:
-    """A dense FP8 MLP at one token: matrix-vector products (fp8_gemv.py: bf16 x, rows of 4-byte words), the
-    activations quantized inside. x: the GEMM's input as `_activations` would give it to the GEMM (bf16 but in
+    """A dense FP8 MLP at one token: matrix-vector products (fp8_gemv.py: bf16 x, rows of 4-byte words, not the
+    largest matrices; w1 and w2 have as many weights, so gate/up and down decide alike), the activations quantized
+    inside. x: the GEMM's input as `_activations` would give it to the GEMM (bf16 but in
     weight-only mode under the interpreter)."""
-    return (x.shape[0] == 1 and mode in ("block_scaled", "weight_only") and w.shape[-1] % 4 == 0
-            and w.shape[-2] % 4 == 0 and (mode == "block_scaled" or x.dtype == torch.bfloat16 or not interpreting()))
+    return (x.shape[0] == 1 and mode in ("block_scaled", "weight_only") and gemv_fits(w) and w.shape[-2] % 4 == 0
+            and (mode == "block_scaled" or x.dtype == torch.bfloat16 or not interpreting()))
 
 
 def _check_args(mode: str, x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor,

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..kernels import weight_dequant_torch
-from ..kernels.fp8_gemv import fp8_gemv
+from ..kernels.fp8_gemv import fp8_gemv, gemv_fits
 from ..kernels.norm_rope import rms_norm_torch
 from ..kernels.triton_common import interpreting
 from ..parallel import ParallelState
@@ -70,7 +70,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = N
     from .. import kernels  # the Triton kernels import triton on first use
     x2 = x.reshape(-1, x.shape[-1])                                            # (M, K)
     quantize = impl == "fp8_gemm"
-    if x2.shape[0] == 1 and x2.shape[1] % 4 == 0 and (x2.dtype == torch.bfloat16 or not quantize):
+    if x2.shape[0] == 1 and gemv_fits(weight) and (x2.dtype == torch.bfloat16 or not quantize):
         y = fp8_gemv(                                   # one token: a matrix-vector product
             x2.to(torch.bfloat16).contiguous(), weight, scale, quantize=quantize, scale_fmt=scale_fmt)
     elif quantize:
@@ -150,7 +150,7 @@ class Linear(nn.Module):
         weight rows g N/groups .. (g+1) N/groups - 1, in x's dtype from the dense weight (`dense`). An FP8 weight
         on the kernels' path at one token runs as one matrix-vector launch on the FP8 bytes (x not quantized)."""
         T = x.shape[0]
-        if (T == 1 and self.scale is not None and self.in_features % 4 == 0
+        if (T == 1 and self.scale is not None and gemv_fits(self.weight)
                 and resolve_fp8_impl(self.fp8_impl, x.device, self.block_size) != "torch"):
             y = fp8_gemv(x.reshape(1, -1).to(torch.bfloat16).contiguous(), self.weight, self.scale, quantize=False,
                          groups=groups)

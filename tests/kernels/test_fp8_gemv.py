@@ -142,3 +142,25 @@ def test_x_at_any_offset():
     want = fp8_gemv_torch(x, w, s).float()
     got = fp8_gemv(x.to(DEVICE) if DEVICE == "cpu" else big.to(DEVICE)[:, 2:258], w.to(DEVICE), s.to(DEVICE))
     torch.testing.assert_close(got.cpu().float(), want, rtol=2 * BF16_ULP, atol=1e-6)
+
+
+def test_linear_takes_the_gemv_at_one_token_up_to_its_size(monkeypatch):
+    """models.layers.linear: one token on the kernels' path runs the GEMV, more tokens or a weight past
+    GEMV_MAX_WEIGHTS the FP8 GEMM; both agree with the torch path's numbers."""
+    from dsinfer.kernels import fp8_gemv as gemv_module
+    from dsinfer.models import layers
+    calls = []
+    monkeypatch.setattr(layers, "fp8_gemv", lambda *a, **k: calls.append(1) or fp8_gemv(*a, **k))
+    g = torch.Generator().manual_seed(9)
+    w, s = weight(256, 512, g, scale_pow2=False)
+    x = torch.randn(1, 512, generator=g).to(torch.bfloat16)
+    want = fp8_gemm_torch(*act_quant_torch(x, 128, "ue8m0"), w, s).float()
+    args = (w.to(DEVICE), s.to(DEVICE), (128, 128), "fp8_gemm", "ue8m0")
+    got = layers.linear(x.to(DEVICE), *args)
+    assert calls == [1]
+    monkeypatch.setattr(gemv_module, "GEMV_MAX_WEIGHTS", 256 * 512 - 1)
+    big = layers.linear(x.to(DEVICE), *args)
+    two = layers.linear(torch.cat([x, x]).to(DEVICE), *args)
+    assert calls == [1]
+    for y in (got, big, two[:1]):
+        torch.testing.assert_close(y.cpu().float(), want, rtol=2 * BF16_ULP, atol=2e-2 * want.abs().max().item())
