@@ -79,10 +79,10 @@ def fp8_gemv(x: torch.Tensor, w: torch.Tensor, w_s: torch.Tensor, w3: torch.Tens
     if K == 0 or K % 4:
         raise ValueError(f"w must have a positive multiple of 4 columns (read as 32-bit words), got shape "
                          f"{tuple(w.shape)}")
-    if x.data_ptr() % 8 or w.data_ptr() % 4 or (w3 is not None and w3.data_ptr() % 4):
-        x = x.clone() if x.data_ptr() % 8 else x               # a view at an odd offset: read as 64-bit words
-        if w.data_ptr() % 4 or (w3 is not None and w3.data_ptr() % 4):
-            raise ValueError("w and w3 must start at a 4-byte boundary (read as 32-bit words)")
+    if w.data_ptr() % 4 or (w3 is not None and w3.data_ptr() % 4):
+        raise ValueError("w and w3 must start at a 4-byte boundary (read as 32-bit words)")
+    if x.data_ptr() % 8:
+        x = x.clone()                                          # a view at an odd offset: read as 64-bit words
     blocks = (-(-N // 128), -(-K // 128))
     if x.shape != (1, G * K) or tuple(w_s.shape) != blocks:
         raise ValueError(f"shapes do not agree: x {tuple(x.shape)} needs (1, {G * K}) for w {tuple(w.shape)} in "

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .fp8_quant_triton import _round_to_e4m3
+from .fp8_quant_triton import _act_scale, _round_to_e4m3
 
 
 @triton.jit
@@ -56,9 +56,7 @@ def _x_chunk(x_row, k0, words, BLOCK_W: tl.constexpr, EVEN: tl.constexpr, QUANT:
     scale = tl.full((BLOCK_W,), 2.0 ** 63, tl.float32)
     if QUANT:
         amax = tl.maximum(tl.maximum(tl.abs(x0), tl.abs(x1)), tl.maximum(tl.abs(x2), tl.abs(x3)))
-        s = tl.math.div_rn(tl.maximum(tl.max(tl.reshape(amax, (GK, 32)), axis=1), 1e-4), 448.0)
-        if UE8M0:       # a power of two: x / s is exactly x * (1 / s)
-            s = ((s.to(tl.int32, bitcast=True) + 0x7FFFFF) & 0x7F800000).to(tl.float32, bitcast=True)
+        s = _act_scale(tl.max(tl.reshape(amax, (GK, 32)), axis=1), UE8M0)    # ue8m0: x / s = x * (1 / s)
         s = tl.reshape(tl.broadcast_to(s[:, None], (GK, 32)), (BLOCK_W,))
         if UE8M0:
             r = 1.0 / s

@@ -28,6 +28,29 @@ def _round_to_e4m3(v):
 
 
 @triton.jit
+def _pow2_ceil(s):
+    """Positive float32 s -> the smallest power of two >= s (the ue8m0 scale format): any mantissa bit carries into
+    the exponent."""
+    return ((s.to(tl.int32, bitcast=True) + 0x7FFFFF) & 0x7F800000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _act_scale(amax, UE8M0: tl.constexpr):
+    """act_quant's scale of a group from its amax: max(amax, 1e-4) / 448, by IEEE division (a plain `/` compiles to
+    an approximate one on the GPU), rounded up to a power of two with UE8M0."""
+    s = tl.math.div_rn(tl.maximum(amax, 1e-4), 448.0)
+    if UE8M0:
+        s = _pow2_ceil(s)
+    return s
+
+
+@triton.jit
+def _fp8_round_trip(x, s):
+    """x -> e4m3(clamp(x / s, -448, 448)) * s in float32, s broadcast against x: the QAT simulation's FP8 rounding."""
+    return _round_to_e4m3(tl.clamp(tl.math.div_rn(x, s), -448.0, 448.0)) * s
+
+
+@triton.jit
 def _act_quant_kernel(x_ptr, q_ptr, s_ptr,
                       K,
                       stride_xm, stride_qm, stride_sm,
@@ -36,10 +59,7 @@ def _act_quant_kernel(x_ptr, q_ptr, s_ptr,
     offs = group * BLOCK + tl.arange(0, BLOCK)
     mask = offs < K
     x = tl.load(x_ptr + row * stride_xm + offs, mask=mask, other=0.0).to(tl.float32)
-    amax = tl.maximum(tl.max(tl.abs(x)), 1e-4)
-    s = tl.math.div_rn(amax, 448.0)       # IEEE division: a plain `/` compiles to an approximate one on the GPU
-    if UE8M0:   # round up to a power of two: any mantissa bit carries into the exponent
-        s = ((s.to(tl.int32, bitcast=True) + 0x7FFFFF) & 0x7F800000).to(tl.float32, bitcast=True)
+    s = _act_scale(tl.max(tl.abs(x)), UE8M0)
     q = _round_to_e4m3(tl.clamp(tl.math.div_rn(x, s), -448.0, 448.0))
     tl.store(q_ptr + row * stride_qm + offs, q.to(q_ptr.dtype.element_ty), mask=mask)
     tl.store(s_ptr + row * stride_sm + group, s)

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .fp8_quant_triton import _round_to_e4m3
+from .fp8_quant_triton import _act_scale, _fp8_round_trip, _pow2_ceil
 
 TILE = 2048          # elements of one (BLOCK_S, BLOCK_P) tile; four such tiles are live in the second pass
 
@@ -145,8 +145,7 @@ def _fp4_round_trip(v, D: tl.constexpr):
     """The reference's FP4 round trip per 32 values: s = 2^ceil(log2(max(amax, 6 * 2^-126) / 6)), v -> e2m1(clamp(v /
     s, -6, 6)) * s, the e2m1 rounding to nearest, ties to the even code."""
     g = tl.reshape(v, (D // 32, 32))
-    s = tl.math.div_rn(tl.maximum(tl.max(tl.abs(g), axis=1), 6.0 * 2.0 ** -126), 6.0)
-    s = ((s.to(tl.int32, bitcast=True) + 0x7FFFFF) & 0x7F800000).to(tl.float32, bitcast=True)   # power of two up
+    s = _pow2_ceil(tl.math.div_rn(tl.maximum(tl.max(tl.abs(g), axis=1), 6.0 * 2.0 ** -126), 6.0))
     q = tl.clamp(tl.math.div_rn(g, s[:, None]), -6.0, 6.0)
     a = tl.abs(q)
     step = tl.where(a < 2.0, 0.5, tl.where(a < 4.0, 1.0, 2.0))          # the e2m1 grid's spacing around a
@@ -207,9 +206,7 @@ def _compress_decode_kernel(
                 v = _fp4_round_trip(v, BLOCK_D)
         else:           # FP8 round trip with ue8m0 scales per QAT_BLOCK of the non-rotary dims
             g = tl.reshape(v, (BLOCK_D // QAT_BLOCK, QAT_BLOCK))
-            s = tl.math.div_rn(tl.maximum(tl.max(tl.abs(g), axis=1), 1e-4), 448.0)
-            s = ((s.to(tl.int32, bitcast=True) + 0x7FFFFF) & 0x7F800000).to(tl.float32, bitcast=True)
-            q = _round_to_e4m3(tl.clamp(tl.math.div_rn(g, s[:, None]), -448.0, 448.0)) * s[:, None]
+            q = _fp8_round_trip(g, _act_scale(tl.max(tl.abs(g), axis=1), True)[:, None])
             v = tl.where(d < D - RD, tl.reshape(q, (BLOCK_D,)), v)
         tl.store(out_row + d, _round(v, out_row.dtype.element_ty).to(out_row.dtype.element_ty), mask=d < D)
 

@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .fp8_quant_triton import _round_to_e4m3
+from .fp8_quant_triton import _act_scale, _fp8_round_trip
 
 
 @triton.jit
@@ -48,10 +48,7 @@ def _head_rope_kernel(x_ptr, cs_ptr, y_ptr, H, eps, stride_xt, stride_xh, stride
     out = tl.where(rope[None, :], rotated, x)
     if QAT_BLOCK > 0:   # FP8 round trip with ue8m0 scales per QAT_BLOCK columns (the rotated group is not kept)
         g = tl.reshape(x, (BLOCK_H, BLOCK_D // QAT_BLOCK, QAT_BLOCK))
-        amax = tl.maximum(tl.max(tl.abs(g), axis=2), 1e-4)
-        s = tl.math.div_rn(amax, 448.0)
-        s = ((s.to(tl.int32, bitcast=True) + 0x7FFFFF) & 0x7F800000).to(tl.float32, bitcast=True)
-        q = _round_to_e4m3(tl.clamp(tl.math.div_rn(g, s[:, :, None]), -448.0, 448.0)) * s[:, :, None]
+        q = _fp8_round_trip(g, _act_scale(tl.max(tl.abs(g), axis=2), True)[:, :, None])
         out = tl.where(rope[None, :], out, tl.reshape(q, (BLOCK_H, BLOCK_D)))
     tl.store(y_ptr + t * stride_yt + h[:, None] * stride_yh + c[None, :], out.to(y_ptr.dtype.element_ty), mask=ok)
 
