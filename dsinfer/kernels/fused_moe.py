@@ -154,9 +154,11 @@ def _fp4_dot(a_lo, a_hi, u, s, DOT_FP32: tl.constexpr):
     w_lo = e2m1_to_float(u & 0xF, s)
     w_hi = e2m1_to_float(u >> 4, s)
     if DOT_FP32:   # Triton 3.6's interpreter mishandles low-precision dots: give it exact float32
-        return (tl.dot(a_lo.to(tl.float32), w_lo, input_precision="ieee")
-                + tl.dot(a_hi.to(tl.float32), w_hi, input_precision="ieee"))
-    return tl.dot(a_lo, w_lo.to(tl.bfloat16)) + tl.dot(a_hi, w_hi.to(tl.bfloat16))
+        acc = (tl.dot(a_lo.to(tl.float32), w_lo, input_precision="ieee")
+               + tl.dot(a_hi.to(tl.float32), w_hi, input_precision="ieee"))
+    else:          # (an early return would still compile this branch, which float32 a cannot take)
+        acc = tl.dot(a_lo, w_lo.to(tl.bfloat16)) + tl.dot(a_hi, w_hi.to(tl.bfloat16))
+    return acc
 
 
 @triton.jit
