@@ -8,7 +8,9 @@ TB/s, against 48 us here: benchmarks/sweep_fp4_moe.py). Here a program holds BLO
 in chunks of BLOCK_B packed bytes, read as 32-bit words of eight codes along the row, the activations as 64-bit
 words of four bf16 (unmasked where the chunk divides K, so the loads vectorize: 16 bytes a thread). The kernel is
 bound by its ALU work, not by its loads (every launch configuration within 3%: BENCHMARKS.md), so the decode is
-integer masks and shifts only: each code's bits placed as a float32's, which reads exactly fp4(code) * 2^-126,
+integer shifts and masks only (three instructions a code, two for the top one; the gated program's loop went from
+2808 to 2296 SASS instructions with the arithmetic shift, `tools/compile_sm90.py --loops`): each code's bits placed
+as a float32's, which reads exactly fp4(code) * 2^-126,
 multiplied by x * 2^63 (an earlier float16 placement needed a float16 -> float32 conversion per code, a
 quarter-rate instruction); each run of 4 words (32 inputs) shares one E8M0 scale, so products are summed per run
 and scaled once, times 2^63.
@@ -26,15 +28,14 @@ import triton.language as tl
 
 @triton.jit
 def _e2m1(u, c: tl.constexpr):
-    """uint32 words of eight e2m1 codes -> float32 fp4(code c) * 2^-126, exactly: the code's sign, exponent and
-    mantissa bits (bits 4c .. 4c + 3) placed as a float32's (exponent field 0-3, top mantissa bit), no conversion
-    instruction; code 1 (0.5) is the float32 subnormal 2^-127, which a GPU's fp32 multiply keeps (no flush to zero
-    outside libdevice)."""
-    if 4 * c <= 22:
-        mag = (u << (22 - 4 * c)) & 0x01C00000
-    else:
-        mag = (u >> (4 * c - 22)) & 0x01C00000
-    return (mag | ((u << (28 - 4 * c)) & 0x80000000)).to(tl.float32, bitcast=True)
+    """uint32 words of eight e2m1 codes -> float32 fp4(code c) * 2^-126, exactly, with no conversion instruction:
+    the code (bits 4c .. 4c + 3) shifted to the top, an arithmetic shift right by 6 puts its sign at bit 31 (copied
+    into bits 30-25) and its exponent and mantissa at bits 24-22 (a float32's exponent field 0-3 and top mantissa
+    bit), and one mask clears the copies; code 1 (0.5) is the float32 subnormal 2^-127, which a GPU's fp32
+    multiply keeps (no flush to zero outside libdevice)."""
+    top = (u << (28 - 4 * c)) if c < 7 else u
+    return ((top.to(tl.int32, bitcast=True) >> 6).to(tl.uint32, bitcast=True) & 0x81C00000).to(tl.float32,
+                                                                                                 bitcast=True)
 
 
 @triton.jit
