@@ -136,7 +136,7 @@ class Engine:
         self.vocab_limit = tokenizer.vocab_size if tokenizer else None
         self.eos_ids = tokenizer.eos_ids if tokenizer else set()
         # one GEMM for the projections of the layer input: MLA's wq_a and wkv_a (not across TP-split wq), V4's
-        # wq_a and wkv
+        # wq_a and wkv, and each V4 compressor's wkv and wgate
         (fuse_v4_input_projections if isinstance(args, ModelArgsV4) else fuse_input_projections)(self.model)
         set_fp8_impl(self.model, config.fp8_impl)
         backend = config.attn_backend

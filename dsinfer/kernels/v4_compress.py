@@ -127,10 +127,15 @@ def compress_decode(kv: torch.Tensor, score: torch.Tensor, ape: torch.Tensor, po
                     slots: torch.Tensor, kv_buf: torch.Tensor, score_buf: torch.Tensor, prev_kv: torch.Tensor | None,
                     prev_score: torch.Tensor | None, norm_weight: torch.Tensor, rope_table: torch.Tensor,
                     entries: torch.Tensor, entry_rows: torch.Tensor, eps: float, rotate: bool, qat: bool) -> None:
-    """The Triton kernel; arguments and effect as compress_decode_torch (all contiguous; d a power of two to
+    """The Triton kernel; arguments and effect as compress_decode_torch (all contiguous, but kv and score may be
+    column slices of one (B, 2 width) projection: rows of one stride, columns contiguous; d a power of two to
     rotate; d - rd a multiple of KV_QAT_BLOCK for the FP8 rounding)."""
-    for name, t in (("kv", kv), ("score", score), ("ape", ape), ("kv_buf", kv_buf), ("score_buf", score_buf),
-                    ("norm_weight", norm_weight), ("rope_table", rope_table)):
+    for name, t in (("kv", kv), ("score", score)):
+        check_tensor(name, t if t.dim() != 2 or t.stride(1) != 1 else t[:1], (torch.float32,), 2)   # rows may lie apart
+    if score.stride(0) != kv.stride(0):
+        raise ValueError(f"kv and score rows must have one stride; got {kv.stride(0)} and {score.stride(0)}")
+    for name, t in (("ape", ape), ("kv_buf", kv_buf), ("score_buf", score_buf), ("norm_weight", norm_weight),
+                    ("rope_table", rope_table)):
         check_tensor(name, t, (torch.float32,))
     check_tensor("positions", positions, (torch.int64,), 1)
     check_tensor("slots", slots, (torch.int64,), 1)

@@ -64,7 +64,11 @@ class Attention(nn.Module):
 
     def fuse_input_projections(self) -> bool:
         """Stack wq_a and wkv (both read the layer input) into one linear layer: one GEMM (at decode one
-        matrix-vector launch) and one activation quantization fewer per layer. Returns whether it fused."""
+        matrix-vector launch) and one activation quantization fewer per layer; and each compressor's two float32
+        projections into one. Returns whether it fused."""
+        for compressor in (getattr(self, "compressor", None), self.indexer and self.indexer.compressor):
+            if compressor is not None:
+                compressor.fuse_projections()
         fused = None if self.wqkv is not None else stack_linears(self.wq_a, self.wkv)
         if fused is None:
             return False

@@ -35,6 +35,7 @@ class Compressor(nn.Module):
         self.ape = nn.Parameter(torch.zeros(ratio, width, dtype=torch.float32), requires_grad=False)
         self.wkv = _Fp32Weight(dim, width)
         self.wgate = _Fp32Weight(dim, width)
+        self.wkv_gate: _Fp32Weight | None = None      # wkv and wgate as one GEMM (fuse_projections)
         self.norm = RMSNorm(head_dim, norm_eps)
         self.attn_backend = "torch"       # or "triton": the pooling kernel (layers.set_attn_backend)
 
@@ -42,7 +43,20 @@ class Compressor(nn.Module):
         """x: (T, D), any tokens (a whole batch at once) -> their kv and gate-score projections, (T, width) each,
         float32."""
         xf = x.float()
+        if self.wkv_gate is not None:                  # column slices of one projection: rows 2 width apart
+            return F.linear(xf, self.wkv_gate.weight).chunk(2, dim=-1)
         return F.linear(xf, self.wkv.weight.float()), F.linear(xf, self.wgate.weight.float())
+
+    def fuse_projections(self) -> bool:
+        """Stack wkv and wgate (both read the layer input, in float32) into one weight: one GEMM a step instead of
+        two. Returns whether it fused."""
+        if self.wkv_gate is not None:
+            return False
+        self.wkv_gate = _Fp32Weight(self.wkv.weight.shape[1], 2 * self.wkv.weight.shape[0])
+        self.wkv_gate.weight = nn.Parameter(torch.cat([self.wkv.weight, self.wgate.weight]).float(),
+                                            requires_grad=False)
+        del self.wkv, self.wgate
+        return True
 
     def forward(self, x: torch.Tensor, start_pos: int, state: CompressorState, rope_table: torch.Tensor,
                 simulate_qat: bool, projected: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
@@ -88,7 +102,7 @@ class Compressor(nn.Module):
         positions)."""
         kv, score = projected if projected is not None else self.project(x)         # (B, width) each
         decode = compress_decode if self.attn_backend == "triton" else compress_decode_torch
-        decode(kv.contiguous(), score.contiguous(), self.ape, batch.positions, batch.slots, store.kv, store.score,
+        decode(kv, score, self.ape, batch.positions, batch.slots, store.kv, store.score,
                store.prev_kv, store.prev_score, self.norm.weight, rope_table, store.entries,
                batch.entry_rows[self.ratio], self.norm.eps, self.rotate, simulate_qat)
 

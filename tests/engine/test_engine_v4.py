@@ -15,6 +15,7 @@ from dsinfer import EngineConfig, SamplingParams
 from dsinfer.checkpoint.loader_v4 import load_model_v4
 from dsinfer.engine import Engine
 from dsinfer.engine.v4_cache import v4_cache_bytes
+from dsinfer.models.v4_compressor import Compressor
 
 LENGTHS = [1, 3, 8, 15, 17, 24, 33, 70]
 MAX_TOKENS = 10
@@ -87,6 +88,8 @@ def test_triton_kernels_in_the_engine_match_the_plain_model(model_args, prompts,
     pytest.importorskip("triton")
     eng = engine(model_args, page_size=8, max_num_batched_tokens=24, attn_backend="triton")
     assert eng.model.layers[1].attn.attn_backend == "triton"
+    fused = [m.wkv_gate is not None for m in eng.model.modules() if isinstance(m, Compressor)]
+    assert fused and all(fused)                   # each compressor's wkv and wgate as one projection
     ids = [eng.add_request(p, SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True))
            for p in prompts[1::2]]
     assert drain(eng, ids) == oracle[1::2]

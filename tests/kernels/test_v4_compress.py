@@ -161,7 +161,8 @@ def decode_state(slots, m, d, overlap, rows, dtype, g):
 def test_decode_update_equals_twin(m, d, rd, overlap, rotate, qat, dtype):
     """Steps of one token for 3 sequences at staggered positions (crossing window ends, the first window with
     overlap) and a padding row on the scratch slot: every buffer, prev and entry the twin writes, the kernel writes
-    alike; rows that complete no window leave the entries untouched."""
+    alike; rows that complete no window leave the entries untouched. Odd steps pass kv and score as column slices
+    of one tensor (rows 2 width apart)."""
     pytest.importorskip("triton")
     g = torch.Generator().manual_seed(m + d)
     B, n_slots, E = 4, 5, 6
@@ -184,6 +185,8 @@ def test_decode_update_equals_twin(m, d, rd, overlap, rotate, qat, dtype):
         compress_decode_torch(kv, score, ape, pos, slots, twin["kv_buf"], twin["score_buf"], twin["prev_kv"],
                               twin["prev_score"], weight, table, twin["entries"], entry_rows, **common)
         dev = [t.to(DEVICE) for t in (kv, score, ape, pos, slots)]
+        if step % 2:                   # as the engine's stacked projection gives them: column slices of one
+            dev[:2] = torch.cat([kv, score], dim=1).to(DEVICE).chunk(2, dim=1)
         compress_decode(*dev, kern["kv_buf"], kern["score_buf"], kern["prev_kv"], kern["prev_score"],
                         weight.to(DEVICE), table.to(DEVICE), kern["entries"], entry_rows.to(DEVICE), **common)
         for name in ("kv_buf", "score_buf", "prev_kv", "prev_score"):
@@ -212,3 +215,7 @@ def test_decode_update_checks_its_arguments():
         compress_decode(*args[:10], rope_cos_sin(RopeArgs(), 200, 64).to(DEVICE), *args[11:], EPS, True, True)
     with pytest.raises(TypeError, match="positions must be int64"):
         compress_decode(*args[:3], args[3].int(), *args[4:], EPS, True, True)
+    with pytest.raises(ValueError, match="rows must have one stride"):
+        compress_decode(kv, torch.randn(1, 512, device=DEVICE)[:, :256], *args[2:], EPS, True, True)
+    with pytest.raises(ValueError, match="kv must be contiguous"):
+        compress_decode(torch.randn(256, 2, device=DEVICE).t(), score, *args[2:], EPS, True, True)
