@@ -15,16 +15,18 @@ FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 @triton.jit
 def _round_to_e4m3(v):
-    """Round float32 v (|v| <= 448) to the nearest e4m3 value, ties to even, in float32.
+    """Round float32 v (|v| <= 448) to the nearest e4m3 value, ties to even, in float32: adding c = 1.5 * 2^(e + 20)
+    (e: v's exponent, at least -6, as subnormals share the 2^-9 step) leaves the sum's last bit at v's e4m3 step
+    2^(e - 3), so the float addition rounds v to the grid, and subtracting c again is exact; values that round to
+    zero keep their sign, as the cast keeps it.
 
     The cast to float8e4nv rounds the same way on the GPU, but Triton 3.6's interpreter drops the carry when
     rounding crosses a power of two (1.97 -> 1.0); a value already on the e4m3 grid casts exactly everywhere."""
-    exponent = ((v.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
-    exponent = tl.maximum(exponent, -6)                                   # subnormals share the 2^-9 step
-    step = ((exponent - 3 + 127) << 23).to(tl.float32, bitcast=True)     # 3 mantissa bits: a power of two
-    t = v * ((127 - exponent + 3) << 23).to(tl.float32, bitcast=True)    # v / step, exact: |t| < 16
-    t = (t + 12582912.0) - 12582912.0                                     # 1.5 * 2^23: round to integer, ties to even
-    return t * step
+    bits = v.to(tl.int32, bitcast=True)
+    exponent = tl.maximum(bits & 0x7F800000, 121 << 23)                             # 2^e's bits, e >= -6
+    c = (exponent + ((20 << 23) | 0x400000)).to(tl.float32, bitcast=True)          # 1.5 * 2^(e + 20)
+    r = ((v + c) - c).to(tl.int32, bitcast=True) | (bits & -2 ** 31)               # the sign kept at zero (-0.0)
+    return r.to(tl.float32, bitcast=True)
 
 
 @triton.jit

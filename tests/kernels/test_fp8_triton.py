@@ -142,6 +142,21 @@ def test_act_quant_rounding_crosses_power_of_two():
     assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
 
 
+def test_act_quant_rounds_every_midpoint_as_the_cast():
+    """Every e4m3 value, every midpoint between neighbours (ties go to the even byte) and the floats on either
+    side of each midpoint, quantized with a scale of exactly 1 (a group's amax 448, ue8m0): the bytes equal
+    torch's float8_e4m3fn cast of the same values."""
+    grid = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+    grid = grid[grid.isfinite()].unique()
+    mids = (grid[1:] + grid[:-1]) / 2
+    values = torch.cat([grid, mids, mids.nextafter(torch.tensor(1e9)), mids.nextafter(torch.tensor(-1e9))])
+    values = torch.cat([values, values.new_zeros(-len(values) % 127)]).view(-1, 127)
+    x = torch.cat([values.new_full((len(values), 1), 448.0), values], dim=1).contiguous()     # (rows, 128)
+    q, s = map(cpu, kernels().act_quant(dev(x), scale_fmt="ue8m0"))
+    assert torch.equal(s, torch.ones_like(s))
+    assert torch.equal(q.view(torch.uint8), x.to(torch.float8_e4m3fn).view(torch.uint8))
+
+
 # -- weight_dequant ----------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("n,k", [(1, 1), (130, 200), (257, 129), (128, 128)])
