@@ -4,7 +4,8 @@ On a machine without a GPU the tests run every kernel through Triton's interpret
 GPU compiler rejects (and says nothing of the code a kernel becomes). This records each launch the tests make (the
 kernel, its argument types, its constexprs and launch options), compiles each distinct one with Triton's CUDA
 backend and the ptxas that ships with Triton, and reports failures, registers and, with --loops, the instruction mix
-of each kernel's loops (from cuobjdump's SASS), which shows what a change to a kernel's inner loop costs.
+of each kernel's loops (from cuobjdump's SASS), which shows what a change to a kernel's inner loop costs, and
+ptxas's performance notes (spills; "wgmma serialized", C7511 / C7515, which costs a tensor-core kernel its overlap).
 
     python tools/compile_sm90.py tests/kernels/test_fp8_gemv.py          # pytest arguments; prints every variant
     python tools/compile_sm90.py --loops --only _fp8_gemv tests/kernels/test_fp8_gemv.py
@@ -133,6 +134,22 @@ def _cuobjdump(cubin: bytes, flag: str) -> str:
         return subprocess.run([tool, flag, f.name], capture_output=True, text=True, check=True).stdout
 
 
+def _ptxas_notes(ptx: str) -> str:
+    """Registers, spills and ptxas's performance notes (e.g. C7515: wgmma serialized) for a kernel's PTX."""
+    import triton
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    with tempfile.TemporaryDirectory() as d:
+        with open(os.path.join(d, "k.ptx"), "w") as f:
+            f.write(ptx)
+        log = subprocess.run([tool, "-arch=sm_90a", "-v", f.name, "-o", os.path.join(d, "k.o")], capture_output=True,
+                             text=True).stderr
+    regs, spills = re.search(r"Used (\d+) registers", log), re.search(r"(\d+) bytes spill stores", log)
+    notes = [m.group(1) + " " + m.group(2) for m in re.finditer(r"\((C\d+)\) Potential Performance Loss: (.*?) in the "
+                                                               r"function", log)]
+    return (f"registers={regs.group(1) if regs else '?'} spill_bytes={spills.group(1) if spills else '?'}"
+            + "".join(f"\n       ptxas {n}" for n in notes))
+
+
 def _loop_mix(sass: str) -> list[tuple[int, collections.Counter]]:
     """(instructions, opcode counts) of each backward branch's range in a kernel's SASS."""
     ops = []
@@ -183,9 +200,8 @@ def compile_log(path: str, only: str | None, loops: bool) -> int:
             message = " ".join(str(e.args[-1] if e.args and isinstance(e.args[-1], str) else e).split())
             print(f"FAIL {record['name']} {shown} {record['options']}: {message[-300:]}")
             continue
-        regs = re.search(r"REG:(\d+)", _cuobjdump(compiled.asm["cubin"], "-res-usage"))
-        print(f"ok   {record['name']} {shown} {record['options']} registers={regs.group(1) if regs else '?'} "
-              f"shared={compiled.metadata.shared}")
+        print(f"ok   {record['name']} {shown} {record['options']} shared={compiled.metadata.shared} "
+              + _ptxas_notes(compiled.asm["ptx"]))
         if loops:
             for n, mix in _loop_mix(_cuobjdump(compiled.asm["cubin"], "-sass")):
                 print(f"       loop: {n} instructions: " + ", ".join(f"{o} {c}" for o, c in mix.most_common(12)))
