@@ -11,6 +11,7 @@ in the kernel, as MLA runs it.)
 from __future__ import annotations
 
 import argparse
+import itertools
 
 import torch
 import triton
@@ -50,6 +51,10 @@ def main():
     p.add_argument("--batch", type=int, nargs="+", default=[1, 4, 16, 32, 64, 128])
     p.add_argument("--context", type=int, nargs="+", default=[1024, 4096, 16384, 32768])
     p.add_argument("--sweep", action="store_true", help="try launch configurations at a few points first")
+    p.add_argument("--sweep-keys", type=int, nargs="+", default=[32, 64], help="block_n values the sweep tries")
+    p.add_argument("--sweep-stages", type=int, nargs="+", default=[2],
+                   help="num_stages values the sweep tries (with 2, ptxas serializes the kernel's wgmma at V3 "
+                        "shapes: tools/compile_sm90.py, BENCHMARKS.md)")
     p.add_argument("--heads", type=int, default=128)
     p.add_argument("--min-split", type=int, help="the minimum keys per split (default: the kernel's)")
     p.add_argument("--grid-len", type=int, help="max_seq_len for the grid (default: the context)")
@@ -61,13 +66,12 @@ def main():
             results = []
             for bh in (32, 64):
                 for bv in (512, 256, 128):
-                    for bn in (32, 64):
-                        for warps in (4, 8):
-                            cfg = dict(block_h=bh, block_v=bv, block_n=bn, num_warps=warps, num_stages=2)
-                            try:
-                                results.append((bench(b, c, config=cfg)[1], cfg))
-                            except Exception as e:  # out of shared memory / registers
-                                results.append((0.0, dict(cfg, error=type(e).__name__)))
+                    for bn, warps, stages in itertools.product(args.sweep_keys, (4, 8), args.sweep_stages):
+                        cfg = dict(block_h=bh, block_v=bv, block_n=bn, num_warps=warps, num_stages=stages)
+                        try:
+                            results.append((bench(b, c, config=cfg)[1], cfg))
+                        except Exception as e:  # out of shared memory / registers
+                            results.append((0.0, dict(cfg, error=type(e).__name__)))
             results.sort(key=lambda r: -r[0])
             print(f"sweep batch {b} context {c}: best " + "; ".join(f"{t:.2f} TB/s {cfg}" for t, cfg in results[:3]))
             best = results[0][1] if b == 16 else best
