@@ -52,9 +52,8 @@ class Compressor(nn.Module):
         two. Returns whether it fused."""
         if self.wkv_gate is not None:
             return False
-        self.wkv_gate = _Fp32Weight(self.wkv.weight.shape[1], 2 * self.wkv.weight.shape[0])
-        self.wkv_gate.weight = nn.Parameter(torch.cat([self.wkv.weight, self.wgate.weight]).float(),
-                                            requires_grad=False)
+        stacked = torch.cat([self.wkv.weight, self.wgate.weight]).float()
+        self.wkv_gate = _Fp32Weight(stacked.shape[1], stacked.shape[0], stacked)
         del self.wkv, self.wgate
         return True
 
@@ -119,6 +118,8 @@ class Compressor(nn.Module):
 class _Fp32Weight(nn.Module):
     """A projection weight the reference keeps in float32 (compressor wkv / wgate): (out, in)."""
 
-    def __init__(self, in_features: int, out_features: int):
+    def __init__(self, in_features: int, out_features: int, weight: torch.Tensor | None = None):
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=torch.float32), requires_grad=False)
+        if weight is None:
+            weight = torch.empty(out_features, in_features, dtype=torch.float32)
+        self.weight = nn.Parameter(weight, requires_grad=False)
