@@ -1,11 +1,13 @@
 """Compile the Triton kernels the CPU tests launch for a Hopper GPU (sm_90a), without a GPU.
 
 On a machine without a GPU the tests run every kernel through Triton's interpreter, which accepts some programs the
-GPU compiler rejects (and says nothing of the code a kernel becomes). This records each launch the tests make (the
+GPU compiler rejects and says nothing of the code a kernel becomes. This records each launch the tests make (the
 kernel, its argument types, its constexprs and launch options), compiles each distinct one with Triton's CUDA
-backend and the ptxas that ships with Triton, and reports failures, registers and, with --loops, the instruction mix
-of each kernel's loops (from cuobjdump's SASS), which shows what a change to a kernel's inner loop costs, and
-ptxas's performance notes (spills; "wgmma serialized", C7511 / C7515, which costs a tensor-core kernel its overlap).
+backend and the ptxas that ships with Triton, and reports failures; registers, spills and ptxas's performance notes
+("wgmma serialized", C7511 / C7515, which costs a tensor-core kernel its overlap); and with --loops the instruction
+mix of each kernel's loops (cuobjdump's SASS), which shows what a change to an inner loop costs. It sees the launch
+configurations the tests reach: a wrapper that picks other tiles on a GPU (fused_moe's `_launch_config` does under
+the interpreter) has those compiled only by a test or script that launches them.
 
     python tools/compile_sm90.py tests/kernels/test_fp8_gemv.py          # pytest arguments; prints every variant
     python tools/compile_sm90.py --loops --only _fp8_gemv tests/kernels/test_fp8_gemv.py
