@@ -200,9 +200,10 @@ def compile_log(path: str, only: str | None, loops: bool) -> int:
             while e.__cause__ is not None:                 # Triton nests the error of a called function
                 e = e.__cause__
             message = " ".join(str(e.args[-1] if e.args and isinstance(e.args[-1], str) else e).split())
-            print(f"FAIL {record['name']} {shown} {record['options']}: {message[-300:]}")
+            print(f"FAIL {record.get('label') or record['name']} {shown} {record['options']}: {message[-300:]}")
             continue
-        print(f"ok   {record['name']} {shown} {record['options']} shared={compiled.metadata.shared} "
+        print(f"ok   {record.get('label') or record['name']} {shown} {record['options']} "
+              f"shared={compiled.metadata.shared} "
               + _ptxas_notes(compiled.asm["ptx"]))
         if loops:
             for n, mix in _loop_mix(_cuobjdump(compiled.asm["cubin"], "-sass")):
