@@ -1,4 +1,5 @@
-"""Compile the decode and prefill kernels at the launch configurations a GPU run picks for the published shapes, for
+"""Compile the decode and prefill kernels (MLA and V4 sparse attention, the V4 compressor, the fused MoE, the FP8
+GEMM at small M, the one-token GEMVs) at the launch configurations a GPU run picks for the published shapes, for
 sm_90a, on any machine (no GPU): registers, spills, ptxas's wgmma notes and, with --loops, each loop's SASS
 instruction mix. The CPU tests reach only small shapes and, for the fused MoE, the interpreter's own tiles, so these
 are the launches tools/compile_sm90.py cannot see. Numbers from this script are in BENCHMARKS.md.
@@ -37,6 +38,17 @@ GEMV4 = ("dsinfer.kernels.fp4_gemv_triton", "_fp4_gemv_kernel",
          dict(x_ptr="int64", w_ptr="int32", w_s_ptr="uint8", w3_ptr="int32", w3_s_ptr="uint8", out_ptr="bfloat16",
               idx_ptr="int64", route_ptr="float32"), dict(top_k=6, first=0))
 
+SPARSE = ("dsinfer.kernels.v4_sparse_attention_triton", "_sparse_attention_kernel",
+          dict(q_ptr="bfloat16", kv_ptr="bfloat16", idx_ptr="int32", sink_ptr="float32", out_ptr="bfloat16",
+               part_ptr="float32", ml_ptr="float32"), dict(H=64, D=512, scale=0.04))
+COMPRESS = ("dsinfer.kernels.v4_compress_triton", "_compress_decode_kernel",
+            dict(kv_ptr="float32", score_ptr="float32", ape_ptr="float32", pos_ptr="int64", slot_ptr="int64",
+                 kvbuf_ptr="float32", scorebuf_ptr="float32", prevkv_ptr="float32", prevscore_ptr="float32",
+                 w_ptr="float32", cs_ptr="float32", ent_ptr="bfloat16", erow_ptr="int64"), dict(eps=1e-6))
+FP8_GEMM = ("dsinfer.kernels.fp8_gemm_triton", "_fp8_gemm_kernel",
+            dict(a_ptr="float8_e4m3fn", a_s_ptr="float32", b_ptr="float8_e4m3fn", b_s_ptr="float32",
+                 c_ptr="bfloat16"), dict(M=16))
+
 MLA_V3 = dict(PAGE_SIZE=64, R=512, P=64, BLOCK_R=512, BLOCK_P=64, BLOCK_H=64, BLOCK_T=1, BLOCK_N=64, BLOCK_V=512,
               SPLIT=True, ROPE=True, IEEE=False)
 MOE = dict(A_PER_TOKEN=True, MUL_ROUTE=False, DENSE=False, PER_SLOT=False, ACCUMULATE=False, SUM_SLOTS=False,
@@ -66,6 +78,19 @@ LAUNCHES = [
      dict(MOE, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GATED=True, MODE=0), dict(num_warps=8, num_stages=3)),
     ("moe bf16 gate/up, 16-row tiles, 256-deep K", MOE_BF16,
      dict(MOE, BLOCK_M=16, BLOCK_N=32, BLOCK_K=256, GATED=True, MODE=0), dict(num_warps=4, num_stages=4)),
+    ("v4 sparse attention, 64 heads x 512, split", SPARSE,
+     dict(BLOCK_H=16, BLOCK_K=32, BLOCK_D=512, IEEE=False, SPLIT=True), dict(num_warps=8)),
+    ("v4 compressor decode, CSA (ratio 4, overlap, d 512)", COMPRESS,
+     dict(M=4, D=512, RD=64, WIDTH=1024, OVERLAP=True, ROTATE=False, QAT=True, BLOCK_W=1024, BLOCK_S=8,
+          BLOCK_P=256, BLOCK_D=512, LOG2D=9, QAT_BLOCK=64), dict(num_warps=4)),
+    ("v4 compressor decode, indexer (ratio 4, d 128, Hadamard)", COMPRESS,
+     dict(M=4, D=128, RD=64, WIDTH=256, OVERLAP=True, ROTATE=True, QAT=True, BLOCK_W=256, BLOCK_S=8,
+          BLOCK_P=64, BLOCK_D=128, LOG2D=7, QAT_BLOCK=64), dict(num_warps=2)),
+    ("v4 compressor decode, HCA (ratio 128, d 512)", COMPRESS,
+     dict(M=128, D=512, RD=64, WIDTH=512, OVERLAP=False, ROTATE=False, QAT=True, BLOCK_W=512, BLOCK_S=8,
+          BLOCK_P=256, BLOCK_D=512, LOG2D=9, QAT_BLOCK=64), dict(num_warps=4)),
+    ("fp8 gemm, M 16 (small-M rule: 32 columns, 4 stages)", FP8_GEMM,
+     dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, GROUP_M=1, EVEN_K=True, SPLIT_K=1), dict(num_warps=4, num_stages=4)),
     ("fp8 gemv, 16 rows x 1024 bytes", GEMV8, dict(GEMV8_C, BLOCK_N=16, BLOCK_W=256), dict(num_warps=4)),
     ("fp8 gemv, 8 rows x 1024 bytes", GEMV8, dict(GEMV8_C, BLOCK_N=8, BLOCK_W=256), dict(num_warps=4)),
     ("fp8 gemv, 4 rows x 2048 bytes", GEMV8, dict(GEMV8_C, BLOCK_N=4, BLOCK_W=512), dict(num_warps=4)),
