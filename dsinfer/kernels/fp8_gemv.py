@@ -41,9 +41,8 @@ def fp8_gemv_torch(x: torch.Tensor, w: torch.Tensor, w_s: torch.Tensor, w3: torc
     """x: (1, groups * K); w, w3: (N, K) e4m3 with block scales w_s, w3_s. Returns (1, N) in `dtype`, or `out`
     ((1, N) float32) with the product added. routed: (slots (k, N) float32, indices (k,) int64 global expert ids,
     first, n_local): slot j is added where its expert is local. Arguments as in the module docstring."""
-    a = x.float().view(groups, -1)                                                    # (G, K)
-    if quantize:
-        a = act_dequant_torch(*act_quant_torch(x.view(groups, -1), 128, scale_fmt))
+    a = x.view(groups, -1)                                                            # (G, K)
+    a = act_dequant_torch(*act_quant_torch(a, 128, scale_fmt)) if quantize else a.float()
     wf = weight_dequant_torch(w, w_s, dtype=torch.float32).view(groups, -1, a.shape[1])   # (G, N/G, K)
     y = torch.einsum("gk,gnk->gn", a, wf).reshape(1, -1)                              # (1, N) float32
     if w3 is not None:

@@ -69,6 +69,7 @@ class Experts(nn.Module):
         self.n_experts, self.block_size = n_experts, block_size
         self.first, self.n_local = first, n_experts if n_local is None else n_local
         self.fp8_impl = "auto"
+        self.act_scale_fmt: str | None = None     # activation scale format of FP8 experts (set by set_fp8_impl)
         self.backend = "torch"
         self.w1 = nn.Parameter(torch.empty(self.n_local, inter_dim, dim), requires_grad=False)   # gate_proj
         self.w2 = nn.Parameter(torch.empty(self.n_local, dim, inter_dim), requires_grad=False)   # down_proj
@@ -82,7 +83,7 @@ class Experts(nn.Module):
         if self.backend == "triton":
             from ..kernels.fused_moe import fused_moe
             return fused_moe(x, weights, indices, self.w1, self.w2, self.w3, self.w1_scale, self.w2_scale,
-                             self.w3_scale, self.first, self._mode(x), scale_fmt=getattr(self, "act_scale_fmt", None))
+                             self.w3_scale, self.first, self._mode(x), scale_fmt=self.act_scale_fmt)
         return self._loop(x, weights, indices)
 
     def slot_outputs(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor):
@@ -90,7 +91,7 @@ class Experts(nn.Module):
         from ..kernels.fused_moe import fused_moe_slots
         return fused_moe_slots(x, weights, indices, self.w1, self.w2, self.w3, self.w1_scale, self.w2_scale,
                                self.w3_scale, self.first, self._mode(x),
-                               scale_fmt=getattr(self, "act_scale_fmt", None))
+                               scale_fmt=self.act_scale_fmt)
 
     def _mode(self, x: torch.Tensor) -> str:
         return fused_moe_mode(self.w1_scale is not None, self.fp8_impl, x.device, self.block_size)
@@ -116,7 +117,7 @@ class Experts(nn.Module):
     def _linear(self, x: torch.Tensor, name: str, e: int) -> torch.Tensor:
         scale = getattr(self, f"{name}_scale")
         return linear(x, getattr(self, name)[e], None if scale is None else scale[e], self.block_size, self.fp8_impl,
-                      getattr(self, "act_scale_fmt", None))
+                      self.act_scale_fmt)
 
     def expert_forward(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """SwiGLU of local expert e on x (n, D) -> (n, D)."""

@@ -74,6 +74,7 @@ class Experts(nn.Module):
         self.n_experts, self.block_size = n_experts, block_size
         self.backend = "torch"            # or "triton" (the fused kernel); see moe.set_moe_backend
         self.fp8_impl = "auto"            # FP8 stacks only; see layers.set_fp8_impl
+        self.act_scale_fmt: str | None = None     # activation scale format of FP8 stacks (set_fp8_impl)
         self.w1 = nn.Parameter(torch.empty(n_experts, inter_dim, dim), requires_grad=False)   # gate
         self.w2 = nn.Parameter(torch.empty(n_experts, dim, inter_dim), requires_grad=False)   # down
         self.w3 = nn.Parameter(torch.empty(n_experts, inter_dim, dim), requires_grad=False)   # up
@@ -145,7 +146,7 @@ class MoE(nn.Module):
             e = self.experts
             routed = fused_moe_slots(x, weights, indices, e.w1, e.w2, e.w3, e.w1_scale, e.w2_scale, e.w3_scale,
                                      mode=e.fused_mode(x.device), swiglu_limit=self.limit, route_on_h=True,
-                                     scale_fmt=getattr(e, "act_scale_fmt", None))
+                                     scale_fmt=e.act_scale_fmt)
             return self.shared_experts.fused(x, routed)
         flat = indices.flatten()
         order = flat.argsort(stable=True)                                              # slots grouped by expert
